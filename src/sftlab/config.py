@@ -1,0 +1,258 @@
+"""Typed run config: YAML + `key.sub=value` overrides, validated at load (litgpt's `args.py` style).
+
+Every field is documented where it is declared; unknown keys, wrong types and impossible combinations fail at
+load with the key's dotted name and a fix.
+"""
+from __future__ import annotations
+
+import difflib
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "minilm-l6"
+    """Packaged model name (`minilm-l6`), a local HF folder, or a hub id (needs a network)."""
+    from_scratch: bool = False
+    """Same architecture and tokenizer, randomly initialised weights (the from-scratch baseline)."""
+    trust_remote_code: bool = False
+    """Allow code shipped with a hub model to run. Off unless you trust the source."""
+
+
+class DataConfig(_Section):
+    dir: str | None = None
+    """Base folder for relative train/dev/test paths (env `SFTLAB_DATA_DIR` is used when this is unset)."""
+    train: str | None = None
+    """Training file (.csv .tsv .jsonl .json .parquet) or `hf:NAME[:CONFIG]:SPLIT` for a hub dataset."""
+    dev: str | None = None
+    """Evaluation file used during training (best checkpoint, early stopping)."""
+    test: str | None = None
+    """Optional held-out file evaluated once with the best model at the end."""
+    text: str | int = "text"
+    """Column with the (first) text: a name, or a 0-based index for headerless files."""
+    text_pair: str | int | None = None
+    """Column with the second text for sentence-pair tasks (NLI, paraphrase, STS)."""
+    label: str | int = "label"
+    """Column with the label (class name or id) or the regression target."""
+    header: Literal["auto", True, False] = "auto"
+    """CSV/TSV header row. auto: a header exists iff some column above is given by name."""
+    labels: list[str] | None = None
+    """Class names in id order. Default: sorted labels found in the training file (ints numerically)."""
+    limit_train: int | None = None
+    """Use only the first N valid training rows (file order)."""
+    limit_dev: int | None = None
+    """Use only the first N valid dev rows."""
+    max_length: int = 128
+    """Tokens per example after truncation; truncated examples are counted and reported."""
+    skip_invalid: bool = False
+    """false: the first bad row stops the run with file:line. true: bad rows are skipped and counted."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("limit_train", "limit_dev"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"data.{key} must be >= 1 (or null for all rows), got {v}")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        return self
+
+
+class StrategyConfig(_Section):
+    name: str = "full"
+    """How much of the model trains. Available: see `sftlab.registry.strategies` (full, head_only)."""
+
+
+class TrainConfig(_Section):
+    epochs: float = 3
+    """Passes over the training data (fractions allowed); ignored when max_steps is set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 32
+    """Examples per forward/backward pass per process (the micro-batch)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step: a step sees batch_size x grad_accum x processes examples."""
+    eval_batch_size: int = 128
+    """Examples per forward pass in evaluation and prediction."""
+    lr: float = 5.0e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay, never applied to biases and LayerNorm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = 0.06
+    """Fraction of all steps spent warming up linearly from 0 (ignored when warmup_steps is set)."""
+    warmup_steps: int | None = None
+    """Warmup length in optimizer steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: autocast matmuls to bfloat16 (weights stay fp32), on CPU and GPU. fp32: no autocast."""
+    seed: int = 0
+    """Seeds weights of new layers, dropout and data order."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding), in a seeded random order."""
+    eval_every: int | None = None
+    """Evaluate on dev every N optimizer steps; null: at the end of each epoch."""
+    metric: str | None = None
+    """Dev metric that picks the best checkpoint: accuracy, macro_f1, mcc, pearson, spearman, loss."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement of `metric` (null: never)."""
+    keep_checkpoints: int = 1
+    """Resumable checkpoints kept in the run directory (oldest pruned after a newer one is complete)."""
+    log_every: int = 10
+    """Write a line to metrics.jsonl every N optimizer steps."""
+    num_threads: int | None = None
+    """torch intra-op threads (null: torch's default, one per core)."""
+    progress: bool = True
+    """Show a progress bar (loss, examples/s, ETA) on stderr."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        positive = ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise ValueError("train.epochs must be > 0 (or set train.max_steps)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        return self
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    """The pretrained model to fine-tune."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification (single sentence or pair) or regression (one real target, e.g. STS-B)."""
+    data: DataConfig = DataConfig()
+    """Where the labelled data is and how to read it."""
+    strategy: StrategyConfig = StrategyConfig()
+    """Which parameters train."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation and the training loop."""
+    output_dir: str = "runs/{name}-{time}"
+    """Run directory. `{name}` is the config file's stem, `{time}` a timestamp. Never overwritten silently."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.data.train is None:
+            raise ValueError("data.train is required: set it in the config or pass data.train=PATH")
+        metric = self.train.metric
+        if metric is not None:
+            allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+            if metric not in allowed:
+                raise ValueError(f"train.metric {metric!r} does not fit task {self.task}; use one of {allowed}")
+        if self.train.early_stopping_patience is not None and self.data.dev is None:
+            raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
+        if self.task == "regression" and self.data.labels is not None:
+            raise ValueError("data.labels is for classification; remove it for task: regression")
+        return self
+
+    @property
+    def best_metric(self) -> str:
+        return self.train.metric or ("accuracy" if self.task == "classification" else "pearson")
+
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "loss")
+REGRESSION_METRICS = ("pearson", "spearman", "mse", "loss")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`a.b=1` -> {"a": {"b": 1}}; values are parsed as YAML (numbers, bools, null, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None or not hasattr(field.annotation, "model_fields"):
+            break
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(str(p) for p in e["loc"])
+    key = ".".join(loc) or "config"
+    if e["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else f"known keys: {', '.join(known)}"
+        return f"{key}: unknown key; {hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error":
+        return msg
+    return f"{key}: {msg} (got {e.get('input')!r})"
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or nothing), apply overrides, validate. Relative data paths resolve against data.dir."""
+    raw: dict[str, Any] = {}
+    name = "run"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+        name = p.stem
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg = build_config(raw)
+    if "{" in cfg.output_dir:
+        cfg.output_dir = cfg.output_dir.format(name=name, time=time.strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

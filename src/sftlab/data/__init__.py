@@ -1,0 +1,1 @@
+"""Data: read files, map columns, validate rows, tokenize, batch."""

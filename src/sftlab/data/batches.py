@@ -1,0 +1,103 @@
+"""Tokenize once, then batch: dynamic padding, seeded length-grouped order, resumable by step index.
+
+A *step batch* holds every example of one optimizer step across processes and accumulation
+(batch_size x grad_accum x world). It is split into micro-batches of similar length, rank r taking
+chunks r, r + world, ... So the same seed gives the same step batches whatever the split, which is what
+makes "batch 8 x accum 1 == batch 2 x accum 4" and "2 processes == 1" hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .examples import Example
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int | float | None]
+    truncated: int  # examples longer than max_length before truncation
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    # One pass without truncation measures true lengths; only the over-long rows are encoded again.
+    enc = tokenizer(texts, pairs, truncation=False, verbose=False)
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    long_rows = [i for i, x in enumerate(ids) if len(x) > max_length]
+    if long_rows:
+        cut = tokenizer(
+            [texts[i] for i in long_rows],
+            [pairs[i] for i in long_rows] if pairs else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        for j, i in enumerate(long_rows):
+            ids[i] = cut["input_ids"][j]
+            if types is not None:
+                types[i] = cut["token_type_ids"][j]
+    return Encoded(ids, types, [e.label for e in examples], len(long_rows))
+
+
+def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in this batch (dynamic padding)."""
+    width = max(len(data.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    types = torch.zeros((len(indices), width), dtype=torch.long) if data.token_type_ids is not None else None
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        ids[row, :n] = torch.tensor(data.input_ids[i])
+        mask[row, :n] = 1
+        if types is not None:
+            types[row, :n] = torch.tensor(data.token_type_ids[i])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        batch["token_type_ids"] = types
+    if data.labels and data.labels[indices[0]] is not None:
+        dtype = torch.float32 if regression else torch.long
+        batch["labels"] = torch.tensor([data.labels[i] for i in indices], dtype=dtype)
+    return batch
+
+
+def step_batches(lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The epoch's step batches, a pure function of (seed, epoch): resume just skips the first k."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not group_by_length:
+        return [order[i : i + step_size] for i in range(0, len(order), step_size)]
+    # HF-style megabatches: sort 50 step batches' worth by length, cut, then shuffle the batches.
+    mega = step_size * 50
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + step_size] for i in range(0, len(chunk), step_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[p] for p in perm]
+
+
+def micro_batches(step: list[int], lengths: list[int], world: int, rank: int, accum: int) -> list[list[int]]:
+    """This rank's micro-batches of one step batch (similar lengths together; may be fewer than accum)."""
+    ordered = sorted(step, key=lambda i: -lengths[i])
+    parts = world * accum
+    size = -(-len(ordered) // parts)
+    chunks = [ordered[k * size : (k + 1) * size] for k in range(parts)]
+    return [c for c in chunks[rank::world] if c]
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Length-sorted batches for inference (order restored by the caller)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,69 @@
+"""From config to encoded splits plus a human-readable report (shared by `train` and `data check`)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import RunConfig
+from .batches import Encoded, encode
+from .examples import LabelMap, Split, load_split
+
+
+@dataclass
+class Prepared:
+    labels: LabelMap | None
+    splits: dict[str, Split] = field(default_factory=dict)
+    encoded: dict[str, Encoded] = field(default_factory=dict)
+
+    def report(self, task: str) -> dict:
+        """Rows, skipped rows by reason, truncation, label balance, token-length percentiles per split."""
+        out = {}
+        for name, split in self.splits.items():
+            enc = self.encoded[name]
+            lengths = np.array(enc.lengths)
+            info = {
+                "source": split.source,
+                "rows": len(split.examples),
+                "skipped": dict(split.skipped),
+                "truncated": enc.truncated,
+                "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+            }
+            if task == "classification":
+                counts = Counter(self.labels.names[e.label] for e in split.examples)
+                info["labels"] = {n: counts.get(n, 0) for n in self.labels.names}
+            else:
+                y = np.array([e.label for e in split.examples])
+                info["target"] = {"min": float(y.min()), "mean": float(y.mean()), "max": float(y.max())}
+            out[name] = info
+        return out
+
+
+def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepared:
+    """Validate every row of every configured split (train first: it defines the label map), then tokenize."""
+    d = cfg.data
+    limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
+    out = Prepared(labels=None)
+    for name in splits:
+        path = getattr(d, name)
+        if path is None:
+            continue
+        split, out.labels = load_split(d, path, cfg.task, out.labels, limit=limits[name])
+        out.splits[name] = split
+        out.encoded[name] = encode(tokenizer, split.examples, d.max_length)
+    return out
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for name, r in report.items():
+        extra = ", ".join(f"{k}={v}" for k, v in r.get("labels", r.get("target", {})).items())
+        skipped = f", skipped {sum(r['skipped'].values())} {r['skipped']}" if r["skipped"] else ""
+        trunc = f", truncated {r['truncated']}" if r["truncated"] else ""
+        t = r["tokens"]
+        lines.append(
+            f"{name}: {r['rows']} rows ({extra}){skipped}{trunc}; "
+            f"tokens p50={t['p50']} p90={t['p90']} p99={t['p99']} max={t['max']}  [{r['source']}]"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Metrics and inference over encoded data."""

@@ -1,0 +1,81 @@
+"""`sftlab eval` and `sftlab predict`: the best model of a run on any file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from ..config import DataConfig
+from ..data.batches import encode
+from ..data.examples import LabelMap, load_split
+from ..errors import RunDirError
+from .infer import predict_logits
+from .metrics import compute_metrics
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A run directory (uses RUN_DIR/best) or a model folder with sftlab.json."""
+    p = Path(path)
+    for cand in (p / "best", p):
+        if (cand / "sftlab.json").is_file():
+            return cand
+    raise RunDirError(f"{path}: no trained model here (expected RUN_DIR/best/sftlab.json); did training finish?")
+
+
+def load_trained(path, device=None):
+    model_dir = find_model_dir(path)
+    meta = json.loads((model_dir / "sftlab.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.to(device or torch.device("cpu")).eval()
+    return model, tokenizer, meta
+
+
+def _data_config(run_path: Path, overrides: dict) -> DataConfig:
+    """Column mapping from the run's config, so `--data` files in the training layout just work."""
+    import yaml
+
+    base = {}
+    cfg_file = run_path / "config.yaml" if (run_path / "config.yaml").is_file() else run_path.parent / "config.yaml"
+    if cfg_file.is_file():
+        base = yaml.safe_load(cfg_file.read_text()).get("data", {})
+    keep = {k: base[k] for k in ("text", "text_pair", "label", "header", "max_length") if k in base}
+    return DataConfig(**(keep | {k: v for k, v in overrides.items() if v is not None}))
+
+
+def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None) -> dict:
+    model, tokenizer, meta = load_trained(run)
+    dcfg = _data_config(Path(run), columns or {})
+    labels = LabelMap(meta["labels"]) if meta["labels"] else None
+    split, _ = load_split(dcfg, data, meta["task"], labels)
+    enc = encode(tokenizer, split.examples, meta["max_length"])
+    logits, loss = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
+                                  device=torch.device("cpu"), bf16=bf16)
+    scores = compute_metrics(meta["task"], logits, np.array(enc.labels)) | {"loss": loss}
+    return scores | {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
+
+
+def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None):
+    """Yields one dict per input row: the text, the predicted label and its probability (or the value)."""
+    model, tokenizer, meta = load_trained(run)
+    dcfg = _data_config(Path(run), columns or {})
+    split, _ = load_split(dcfg, data, meta["task"], LabelMap(meta["labels"]) if meta["labels"] else None,
+                          need_label=False)
+    enc = encode(tokenizer, split.examples, meta["max_length"])
+    logits, _ = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
+                               device=torch.device("cpu"), bf16=bf16)
+    for ex, row in zip(split.examples, logits):
+        out = {"line": ex.line, "text": ex.text}
+        if ex.text_pair is not None:
+            out["text_pair"] = ex.text_pair
+        if meta["task"] == "regression":
+            out["prediction"] = float(row[0])
+        else:
+            probs = torch.softmax(torch.from_numpy(row), -1).numpy()
+            k = int(probs.argmax())
+            out |= {"label": meta["labels"][k], "score": float(probs[k]),
+                    "scores": {n: float(p) for n, p in zip(meta["labels"], probs)}}
+        yield out

@@ -1,0 +1,33 @@
+"""Batched inference on encoded data: logits in input order, with the mean loss where labels exist."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from ..data.batches import Encoded, collate, eval_batches
+from ..registry import objectives
+
+
+@torch.no_grad()
+def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: int, device, bf16: bool):
+    """Returns (logits [N, C] float32 in input order, mean loss or None)."""
+    was_training = model.training
+    model.eval()
+    objective = objectives.get(task)
+    out: list[np.ndarray | None] = [None] * len(data)
+    total, labelled = 0.0, data.labels[0] is not None if len(data) else False
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for idx in eval_batches(data.lengths, batch_size):
+        batch = {k: v.to(device) for k, v in collate(data, idx, pad_id, task == "regression").items()}
+        with autocast:
+            if labelled:
+                loss, logits = objective(model, batch)
+                total += float(loss)
+            else:
+                logits = model(**batch).logits.float()
+        for row, i in zip(logits.cpu().numpy(), idx):
+            out[i] = row
+    model.train(was_training)
+    return np.stack(out), (total / len(data) if labelled else None)

