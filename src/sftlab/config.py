@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -48,6 +48,11 @@ class DataConfig(_Section):
     """CSV/TSV header row. auto: a header exists iff some column above is given by name."""
     labels: list[str] | None = None
     """Class names in id order. Default: sorted labels found in the training file (ints numerically)."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, v):
+        return [str(x) for x in v] if isinstance(v, (list, tuple)) else v
     limit_train: int | None = None
     """Use only the first N valid training rows (file order)."""
     limit_dev: int | None = None
@@ -183,6 +188,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if value is None and raw.strip() not in ("null", "~", "Null", "NULL"):
+            value = raw  # e.g. MRPC's column "#1 String": YAML would read it as a comment
+        elif isinstance(value, str):
+            try:  # YAML 1.1 wants a dot in floats; users write 1e-4
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -210,9 +222,22 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if hasattr(model, "model_fields") else []
 
 
+def _real_key(loc: tuple) -> tuple:
+    """Drop pydantic's union-member parts (`data.text.str`) so the message names a key the user wrote."""
+    model: Any = RunConfig
+    for n, part in enumerate(loc):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return loc[:n]
+        if part not in fields:
+            return loc[: n + 1]
+        model = fields[part].annotation
+    return loc
+
+
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = tuple(str(p) for p in e["loc"])
+    loc = _real_key(tuple(str(p) for p in e["loc"]))
     key = ".".join(loc) or "config"
     if e["type"] == "extra_forbidden":
         known = _fields_at(loc[:-1])
@@ -250,7 +275,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = build_config(raw)
     if "{" in cfg.output_dir:
-        cfg.output_dir = cfg.output_dir.format(name=name, time=time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            cfg.output_dir = cfg.output_dir.format(name=name, time=time.strftime("%Y%m%d-%H%M%S"))
+        except (KeyError, ValueError, IndexError):
+            raise ConfigError(
+                f"output_dir: bad placeholder in {cfg.output_dir!r}; only {{name}} and {{time}} are known"
+            ) from None
     return cfg
 
 

@@ -157,11 +157,17 @@ def load_split(
             pair = _text(get_pair(row), "text_pair") if get_pair else None
             label = None
             if get_label is not None:
-                label = labels.encode(get_label(row)) if task == "classification" else _target(get_label(row))
+                raw = get_label(row)
+                if task == "classification":
+                    if is_missing(raw) or not str(raw).strip():
+                        raise ValueError("missing label (data.label)")
+                    label = labels.encode(raw)
+                else:
+                    label = _target(raw)
         except ValueError as e:
             if not cfg.skip_invalid:
                 raise DataError(f"{source}:{line}: {e}; fix the row or set data.skip_invalid=true") from None
-            split.skipped[str(e).split(";")[0]] += 1
+            split.skipped[_reason_kind(str(e))] += 1
             continue
         split.examples.append(Example(text, pair, label, line))
         if limit is not None and len(split.examples) >= limit:
@@ -170,3 +176,11 @@ def load_split(
         raise DataError(f"{source}: no valid rows left ({dict(split.skipped)})")
     return split, labels
 
+
+def _reason_kind(message: str) -> str:
+    """Skip counts by kind, not by bad value: "unknown label 'x'; ..." -> "unknown label"."""
+    head = message.split(";")[0].split(" (")[0]
+    for kind in ("unknown label", "label id", "regression target"):
+        if head.startswith(kind):
+            return kind
+    return head

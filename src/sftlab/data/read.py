@@ -106,7 +106,16 @@ def _read_json(p, lines, bad, skip_invalid) -> Table:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
-        return Table(str(p), None, [(n + 1, v) for n, v in enumerate(items)], bad)
+        rows = []
+        for n, item in enumerate(items, start=1):
+            if not isinstance(item, dict):
+                reason = f"item {n} is a {type(item).__name__}, expected a JSON object"
+                if not skip_invalid:
+                    raise DataError(f"{p}:{n}: {reason} (line = item number in a JSON array)")
+                bad.append((n, reason))
+                continue
+            rows.append((n, item))
+        return Table(str(p), None, rows, bad)
     rows = []
     for i, line in lines:
         if not line.strip():

@@ -100,6 +100,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
 
     def checkpoint() -> None:
+        # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
+        state["window"] = [float(window_loss), window_examples, window_seconds]
         if main:
             save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
         acc.wait_for_everyone()
@@ -110,6 +112,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (main and t.progress),
                file=sys.stderr, dynamic_ncols=True)
     window_loss, window_examples, window_seconds = torch.zeros(()), 0, 0.0
+    if "window" in state:
+        window_loss, window_examples, window_seconds = torch.tensor(state["window"][0]), *state["window"][1:]
     stop = step >= total_steps
     while not stop:
         epoch = state["epoch"]
@@ -184,8 +188,10 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         "train_examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "best_metric": metric, "best_step": state["best_step"], "dev_metrics": state.get("best_scores"),
-        "processes": acc.num_processes, "data": data.report(cfg.task),
+        "processes": acc.num_processes, "device": str(acc.device), "data": data.report(cfg.task),
     }
+    if torch.cuda.is_available():
+        summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if "test" in data.encoded:
         from ..eval.evaluate import load_trained
 

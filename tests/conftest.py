@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random BERT (2 layers) saved as an HF folder, and small data files."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SFTLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+POS = ["great", "lovely", "excellent", "wonderful", "superb", "fine", "good", "brilliant"]
+NEG = ["awful", "terrible", "bad", "horrible", "dreadful", "poor", "boring", "ugly"]
+NOUNS = ["film", "meal", "book", "phone", "hotel", "song", "show", "game"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with the packaged minilm tokenizer: same code path as real models, ~1M params."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sftlab.models import resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        y = i % 2
+        words = [rng.choice(NOUNS), "was", rng.choice(POS if y else NEG)] + rng.choices(NOUNS, k=rng.randint(0, 6))
+        rows.append({"text": "the " + " ".join(words), "label": labels[y]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> dict:
+    """64 train / 32 dev sentiment rows as JSONL."""
+    return {"train": str(write_jsonl(tmp_path / "train.jsonl", make_rows(64))),
+            "dev": str(write_jsonl(tmp_path / "dev.jsonl", make_rows(32, seed=1)))}
+
+
+@pytest.fixture
+def tiny_overrides(tiny_model_dir, toy_data, tmp_path) -> list[str]:
+    """Overrides for a fast, deterministic fp32 run of the tiny model on the toy data."""
+    return [f"model.name={tiny_model_dir}", f"data.train={toy_data['train']}", f"data.dev={toy_data['dev']}",
+            "train.epochs=2", "train.batch_size=8", "train.lr=1e-3", "train.precision=fp32", "train.progress=false",
+            f"output_dir={tmp_path / 'run'}"]
