@@ -107,7 +107,7 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
         w = WORK
         cmd = [sys.executable, "-m", "sftlab", "train", "configs/glue/sst2.yaml",
-               f"data.dir={args.data_dir}", f"data.limit_train={args.n_train}", f"train.epochs={w['epochs']}",
+               f"data.dir={args.data_dir.parent}", "train.eval_every=null", f"data.limit_train={args.n_train}", f"train.epochs={w['epochs']}",
                f"train.batch_size={w['batch_size']}", f"train.lr={w['lr']}", f"train.weight_decay={w['weight_decay']}",
                f"train.warmup_ratio={w['warmup_ratio']}", f"train.max_grad_norm={w['max_grad_norm']}",
                "train.precision=bf16", f"train.seed={w['seed']}", f"data.max_length={w['max_length']}",

@@ -17,7 +17,7 @@ def cmd_train(args) -> None:
     from .config import dump_config, load_config
     from .train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_config_path(args.config), args.overrides)
     if args.resume:
         cfg.output_dir = args.resume
     if args.dry_run:
@@ -32,7 +32,7 @@ def cmd_data_check(args) -> None:
     from .data.prepare import format_report, prepare
     from .models import load_tokenizer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_config_path(args.config), args.overrides)
     data = prepare(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code))
     report = data.report(cfg.task)
     print(format_report(report))
@@ -66,6 +66,10 @@ def cmd_predict(args) -> None:
             out.close()
 
 
+def _config_path(path: str) -> str | None:
+    return None if path == "-" else path  # "-": no file, the overrides are the whole config
+
+
 def _columns(args) -> dict:
     return {"text": _col(args.text), "text_pair": _col(args.text_pair), "label": _col(args.label)}
 
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     t = sub.add_parser("train", help="fine-tune as a config says; prints the run directory last")
-    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("config", help="YAML config (see configs/), or - for overrides only")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")

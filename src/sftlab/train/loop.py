@@ -49,7 +49,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     set_seed(t.seed)
 
     # --- run directory, data, model --------------------------------------------------------------------
-    run_dir = open_run_dir(cfg, resume, overwrite, main)
+    run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare(cfg, tokenizer)

@@ -17,7 +17,8 @@ from ..config import RunConfig, dump_config
 from ..errors import RunDirError
 
 
-def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool) -> Path:
+def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool, barrier=lambda: None) -> Path:
+    """Every process checks, then (after `barrier`) the main one creates: no rank sees another's mkdir."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -31,9 +32,10 @@ def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool) -> Path:
                 f"output_dir {run_dir} exists and is not empty; continue it with --resume {run_dir}, "
                 "choose another output_dir, or pass --overwrite to replace it"
             )
-        if main:
-            shutil.rmtree(run_dir)
+    barrier()
     if main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_config(cfg))

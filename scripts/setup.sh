@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install sftlab with every dependency pinned (requirements.lock). Idempotent: a stamp of the
+# lock file and pyproject skips the install when nothing changed. torch==2.13.0 is the CPU wheel (pinned so pip
+# never pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.sftlab-stamp
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing sftlab and pinned dependencies into .venv ..." >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2
+  .venv/bin/python -m pip install -q torch==2.13.0 >&2
+  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]" >&2
+  echo "$want" > "$stamp"
+fi

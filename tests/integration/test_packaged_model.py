@@ -1,0 +1,87 @@
+"""Integration: the packaged minilm-l6 end to end on small data (CLI contract, HF pipeline, eval, predict)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SHARED_DATA
+
+pytestmark = pytest.mark.integration
+
+
+def sftlab(*args, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "sftlab", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("q") / "run"
+    proc = sftlab("train", "configs/quickstart.yaml", "train.epochs=2", "train.progress=false", f"output_dir={out}")
+    assert proc.stdout.strip().splitlines()[-1] == str(out)  # contract: run dir is the last stdout line
+    return out
+
+
+def test_quickstart_learns_and_pipeline_loads_best(quick_run):
+    from transformers import pipeline
+
+    summary = json.loads((quick_run / "summary.json").read_text())
+    assert summary["dev_metrics"]["accuracy"] >= 0.75  # 2 epochs on 240 demo rows; 4 epochs reach ~0.9
+    clf = pipeline("text-classification", model=str(quick_run / "best"), device="cpu")
+    preds = clf(["An absolute delight, I loved every minute.", "Broken on arrival and support never replied."])
+    assert [p["label"] for p in preds] == ["positive", "negative"]
+
+
+def test_eval_prints_json_last_and_matches_training_metrics(quick_run):
+    proc = sftlab("eval", str(quick_run), "--data", "src/sftlab/demo/dev.jsonl")
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    best = json.loads((quick_run / "summary.json").read_text())["dev_metrics"]
+    assert scores["examples"] == 80
+    assert abs(scores["accuracy"] - best["accuracy"]) < 1e-9
+
+
+def test_predict_writes_jsonl_with_scores(quick_run, tmp_path):
+    out = tmp_path / "pred.jsonl"
+    sftlab("predict", str(quick_run), "--data", "src/sftlab/demo/dev.jsonl", "--out", str(out))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 80 and {r["label"] for r in rows} <= {"negative", "positive"}
+    assert all(0.5 <= r["score"] <= 1 and abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
+    again = sftlab("predict", str(quick_run), "--data", "src/sftlab/demo/dev.jsonl", "--out", str(out), check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr  # never overwrites a user's file
+
+
+def test_existing_run_dir_is_not_overwritten(quick_run):
+    before = (quick_run / "summary.json").read_bytes()
+    proc = sftlab("train", "configs/quickstart.yaml", f"output_dir={quick_run}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("sftlab: error: output_dir")
+    assert "Traceback" not in proc.stderr and (quick_run / "summary.json").read_bytes() == before
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data not present")
+@pytest.mark.parametrize("task", ["sst2", "cola", "mrpc", "rte", "stsb"])
+def test_glue_configs_read_every_row(task):
+    proc = sftlab("data", "check", f"configs/glue/{task}.yaml", f"data.dir={SHARED_DATA}", "--json")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3667, 408), "rte": (2490, 277),
+                "stsb": (5749, 1500)}[task]
+    assert (report["train"]["rows"], report["dev"]["rows"]) == expected
+    assert not report["train"]["skipped"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data not present")
+def test_glue_sentence_pair_regression_trains(tmp_path):
+    """STS-B (pairs, regression) on 256 rows: the pipeline runs and the correlation is positive."""
+    out = tmp_path / "stsb"
+    sftlab("train", "configs/glue/stsb.yaml", f"data.dir={SHARED_DATA}", "data.limit_train=256",
+           "data.limit_dev=200", "train.epochs=1", "train.progress=false", f"output_dir={out}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dev_metrics"]["pearson"] > 0.3
