@@ -166,6 +166,12 @@ class RunConfig(_Section):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if self.task == "regression" and self.data.labels is not None:
             raise ValueError("data.labels is for classification; remove it for task: regression")
+
+        from . import strategies as _registered  # noqa: F401  (fills the registry)
+        from .registry import strategies
+
+        if self.strategy.name not in strategies:
+            strategies.get(self.strategy.name)  # raises ConfigError naming the key and what is available
         return self
 
     @property

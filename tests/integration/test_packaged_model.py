@@ -79,9 +79,9 @@ def test_glue_configs_read_every_row(task):
 
 @pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data not present")
 def test_glue_sentence_pair_regression_trains(tmp_path):
-    """STS-B (pairs, regression) on 256 rows: the pipeline runs and the correlation is positive."""
+    """STS-B (pairs, regression) on 512 rows x 2 epochs: Pearson well above chance (0.77 seen)."""
     out = tmp_path / "stsb"
-    sftlab("train", "configs/glue/stsb.yaml", f"data.dir={SHARED_DATA}", "data.limit_train=256",
-           "data.limit_dev=200", "train.epochs=1", "train.progress=false", f"output_dir={out}")
+    sftlab("train", "configs/glue/stsb.yaml", f"data.dir={SHARED_DATA}", "data.limit_train=512",
+           "data.limit_dev=200", "train.epochs=2", "train.batch_size=16", "train.progress=false", f"output_dir={out}")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["dev_metrics"]["pearson"] > 0.3
+    assert summary["dev_metrics"]["pearson"] > 0.6

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import make_rows, write_jsonl
+from tests.conftest import make_rows, write_jsonl
 from sftlab.cli import main
 from sftlab.config import DataConfig
 from sftlab.data.examples import load_split

@@ -212,7 +212,7 @@ def test_regression_targets_are_floats(tmp_path):
 
 
 def test_limit_train_keeps_first_valid_rows_in_file_order(tmp_path, tiny_model_dir):
-    from conftest import make_rows, write_jsonl
+    from tests.conftest import make_rows, write_jsonl
 
     rows = make_rows(20)
     rows[1]["text"] = "   "  # a bad row inside the limit does not count towards it

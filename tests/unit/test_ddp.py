@@ -1,5 +1,9 @@
-"""Two CPU processes (DDP on gloo, launched by torchrun around accelerate) == one process with the same
-step batch: 2 x batch 4 gives the weights of 1 x batch 8 (gradients all-reduced to the same mean)."""
+"""Two CPU processes (DDP on gloo through accelerate) == one process with the same step batch: 2 x batch 4
+gives the weights of 1 x batch 8 (gradients all-reduced to the same mean).
+
+Launchers: `torchrun --nproc_per_node 2` and `accelerate launch --multi_gpu --num_processes 2` (on a machine
+without GPUs this starts 2 processes and sftlab's Accelerator(cpu=True) picks gloo; `accelerate launch --cpu
+--num_processes 2` starts one process only, see DESIGN.md)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 
@@ -20,12 +25,21 @@ def ckpt(run_dir):
     return load_file(str(sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
 
 
-def test_two_processes_equal_one(tiny_overrides, tmp_path):
+LAUNCHERS = {
+    "torchrun": lambda port: ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                              "--master_port", str(port), "-m", "sftlab"],
+    "accelerate": lambda port: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                "--main_process_port", str(port), "-m", "sftlab"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_equal_one(tiny_overrides, tmp_path, launcher):
     common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + ["train.epochs=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     two = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "sftlab", "train", "-", *common, "train.batch_size=4",
+    cmd = [sys.executable, *LAUNCHERS[launcher](free_port()), "train", "-", *common, "train.batch_size=4",
            f"output_dir={two}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ from ..config import DataConfig
 from ..data.batches import encode
 from ..data.examples import LabelMap, load_split
 from ..errors import RunDirError
+from ..models import load as _quiet_loads  # noqa: F401  (turns off transformers progress bars)
 from .infer import predict_logits
 from .metrics import compute_metrics
 

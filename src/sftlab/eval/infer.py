@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..data.batches import Encoded, collate, eval_batches
+from .. import objectives as _registered  # noqa: F401  (fills the registry)
 from ..registry import objectives
 
 

@@ -44,7 +44,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    # cpu=True without CUDA: accelerate only sets up gloo DDP under torchrun when told it is on CPU.
+    acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     set_seed(t.seed)
 
