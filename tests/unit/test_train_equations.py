@@ -91,3 +91,18 @@ def test_trainable_params_move_and_metrics_written(tiny_overrides, tmp_path):
     assert summary["dev_metrics"]["accuracy"] >= 0.5 and summary["train_examples_per_s"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "best")
     assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_early_stopping_and_best_checkpoint(tiny_overrides, tmp_path):
+    """lr=0 never improves: with patience 2 the run stops after 3 evaluations; best/ is the first one's model."""
+    run_dir = run(tiny_overrides + ["train.lr=1e-12", "train.epochs=10", "train.eval_every=2",
+                                    "train.early_stopping_patience=2", "train.metric=loss", "train.warmup_ratio=0"],
+                  tmp_path, "es")
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r.get("split") == "dev"]
+    losses = [r["loss"] for r in evals]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert summary["best_step"] == evals[best]["step"]
+    assert summary["steps"] < 80  # stopped long before 10 epochs x 8 steps
+    assert len(evals) - 1 - best == 2  # exactly `patience` evaluations without improvement
