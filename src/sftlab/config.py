@@ -61,6 +61,19 @@ class DataConfig(_Section):
     """Tokens per example after truncation; truncated examples are counted and reported."""
     skip_invalid: bool = False
     """false: the first bad row stops the run with file:line. true: bad rows are skipped and counted."""
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    """causal_lm row format: alpaca (instruction/input/output or instances), prompt/completion, chat `messages`,
+    ShareGPT `conversations`. auto: detected from each row's keys."""
+    template: str | None = None
+    """causal_lm: null = the tokenizer's chat template (ChatML when it has none); or a Jinja template file."""
+    system_prompt: str | None = None
+    """causal_lm: a system message put before conversations that have none."""
+    train_on: Literal["assistant", "all", "last_turn"] = "assistant"
+    """causal_lm loss: every assistant turn (default), all tokens, or only the last assistant turn."""
+    overlength: Literal["truncate", "drop", "error"] = "truncate"
+    """Examples longer than max_length: cut at max_length, drop them, or stop with file:line. Counted either way."""
+    packing: bool = False
+    """causal_lm: pack several examples into each max_length row (attention never crosses examples)."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -75,7 +88,23 @@ class DataConfig(_Section):
 
 class StrategyConfig(_Section):
     name: str = "full"
-    """How much of the model trains. Available: see `sftlab.registry.strategies` (full, head_only)."""
+    """How much of the model trains: full, head_only, lora, dora (see `sftlab.registry.strategies`)."""
+    r: int = 16
+    """lora/dora: rank of the update matrices."""
+    alpha: float = 32
+    """lora/dora: scaling numerator (update scaled by alpha / r)."""
+    dropout: float = 0.05
+    """lora/dora: dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """lora/dora: module names to adapt, or all-linear (every linear layer but the output/head)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.r < 1:
+            raise ValueError(f"strategy.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"strategy.dropout must be in [0, 1), got {self.dropout}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -142,8 +171,9 @@ class TrainConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     """The pretrained model to fine-tune."""
-    task: Literal["classification", "regression"] = "classification"
-    """classification (single sentence or pair) or regression (one real target, e.g. STS-B)."""
+    task: Literal["classification", "regression", "causal_lm"] = "classification"
+    """classification (single sentence or pair), regression (one real target, e.g. STS-B), or causal_lm
+    (instruction/chat tuning of a decoder)."""
     data: DataConfig = DataConfig()
     """Where the labelled data is and how to read it."""
     strategy: StrategyConfig = StrategyConfig()
@@ -159,11 +189,14 @@ class RunConfig(_Section):
             raise ValueError("data.train is required: set it in the config or pass data.train=PATH")
         metric = self.train.metric
         if metric is not None:
-            allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+            allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS,
+                       "causal_lm": CAUSAL_LM_METRICS}[self.task]
             if metric not in allowed:
                 raise ValueError(f"train.metric {metric!r} does not fit task {self.task}; use one of {allowed}")
         if self.train.early_stopping_patience is not None and self.data.dev is None:
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
+        if self.data.packing and self.task != "causal_lm":
+            raise ValueError("data.packing is for task: causal_lm; remove it or set task=causal_lm")
         if self.task == "regression" and self.data.labels is not None:
             raise ValueError("data.labels is for classification; remove it for task: regression")
 
@@ -176,11 +209,12 @@ class RunConfig(_Section):
 
     @property
     def best_metric(self) -> str:
-        return self.train.metric or ("accuracy" if self.task == "classification" else "pearson")
+        return self.train.metric or {"classification": "accuracy", "regression": "pearson"}.get(self.task, "loss")
 
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "loss")
 REGRESSION_METRICS = ("pearson", "spearman", "mse", "loss")
+CAUSAL_LM_METRICS = ("loss", "perplexity")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

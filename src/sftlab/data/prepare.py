@@ -16,9 +16,12 @@ class Prepared:
     labels: LabelMap | None
     splits: dict[str, Split] = field(default_factory=dict)
     encoded: dict[str, Encoded] = field(default_factory=dict)
+    lm_report: dict = field(default_factory=dict)
 
     def report(self, task: str) -> dict:
         """Rows, skipped rows by reason, truncation, label balance, token-length percentiles per split."""
+        if task == "causal_lm":
+            return self.lm_report
         out = {}
         for name, split in self.splits.items():
             enc = self.encoded[name]
@@ -42,6 +45,8 @@ class Prepared:
 
 def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepared:
     """Validate every row of every configured split (train first: it defines the label map), then tokenize."""
+    if cfg.task == "causal_lm":
+        return _prepare_lm(cfg, tokenizer, splits)
     d = cfg.data
     limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
     out = Prepared(labels=None)
@@ -58,6 +63,13 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
 def format_report(report: dict) -> str:
     lines = []
     for name, r in report.items():
+        if "loss_tokens" in r:  # causal_lm
+            t = r["tokens_per_example"]
+            extra = "".join(f", {k} {r[k]}" for k in ("skipped", "truncated", "dropped") if r[k])
+            packs = f", {r['packs']} packs (fill {r['pack_fill']:.0%})" if "packs" in r else ""
+            lines.append(f"{name}: {r['examples']} examples, {r['tokens']} tokens ({r['loss_tokens']} with loss)"
+                         f"{packs}{extra}; tokens p50={t['p50']} p90={t['p90']} max={t['max']}  [{r['source']}]")
+            continue
         extra = ", ".join(f"{k}={v}" for k, v in r.get("labels", r.get("target", {})).items())
         skipped = f", skipped {sum(r['skipped'].values())} {r['skipped']}" if r["skipped"] else ""
         trunc = f", truncated {r['truncated']}" if r["truncated"] else ""
@@ -67,3 +79,38 @@ def format_report(report: dict) -> str:
             f"tokens p50={t['p50']} p90={t['p90']} p99={t['p99']} max={t['max']}  [{r['source']}]"
         )
     return "\n".join(lines)
+
+
+def _prepare_lm(cfg: RunConfig, tokenizer, splits) -> Prepared:
+    from .chat import encode_conversations, rows_to_conversations
+    from .examples import resolve_path
+    from .lm import build, pack
+    from .read import read_table
+
+    d = cfg.data
+    limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
+    out = Prepared(labels=None)
+    for name in splits:
+        path = getattr(d, name)
+        if path is None:
+            continue
+        source = resolve_path(d, path)
+        table = read_table(source, header=True, skip_invalid=d.skip_invalid)
+        convs, skipped = rows_to_conversations(table, d)
+        if limits[name]:
+            convs = convs[: limits[name]]
+        ids, masks, counts = encode_conversations(tokenizer, convs, d)
+        enc = build(ids, masks, counts)
+        lengths = np.array(enc.lengths) if len(enc) else np.zeros(1)
+        info = {"source": source, "rows": len(convs), "examples": len(enc), "skipped": dict(skipped),
+                "truncated": counts.get("truncated", 0), "dropped": counts.get("dropped", 0),
+                "loss_tokens": int(sum(enc.weights)), "tokens": int(lengths.sum()),
+                "tokens_per_example": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+                | {"max": int(lengths.max())}}
+        if d.packing and name == "train":
+            enc = pack(enc, d.max_length)
+            info["packs"] = len(enc)
+            info["pack_fill"] = round(float(lengths.sum()) / (len(enc) * d.max_length), 4)
+        out.encoded[name] = enc
+        out.lm_report[name] = info
+    return out

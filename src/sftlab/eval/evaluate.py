@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ..config import DataConfig
 from ..data.batches import encode
@@ -27,12 +27,32 @@ def find_model_dir(path: str | Path) -> Path:
 
 
 def load_trained(path, device=None):
+    """(model, tokenizer, sftlab.json meta) of a run's best model: a full HF folder or a peft adapter + base."""
     model_dir = find_model_dir(path)
     meta = json.loads((model_dir / "sftlab.json").read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
+    if meta.get("adapter"):
+        from peft import PeftModel
+
+        base = auto.from_pretrained(meta["base_path"], **_head_kwargs(meta))
+        model = PeftModel.from_pretrained(base, model_dir)
+    else:
+        model = auto.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     model.to(device or torch.device("cpu")).eval()
     return model, tokenizer, meta
+
+
+def _head_kwargs(meta: dict) -> dict:
+    if meta["task"] == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    if meta["task"] == "classification":
+        names = meta["labels"]
+        return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                "label2id": {n: i for i, n in enumerate(names)}}
+    return {}
 
 
 def _data_config(run_path: Path, overrides: dict) -> DataConfig:

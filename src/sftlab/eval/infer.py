@@ -32,3 +32,26 @@ def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: 
             out[i] = row
     model.train(was_training)
     return np.stack(out), (total / len(data) if labelled else None)
+
+
+@torch.no_grad()
+def lm_scores(model, data, *, batch_size: int, pad_id: int, device, bf16: bool) -> dict:
+    """Token-weighted mean next-token loss and perplexity over every loss token of `data` (LMEncoded)."""
+    import math
+
+    from ..data.lm import collate_lm
+
+    was_training = model.training
+    model.eval()
+    objective = objectives.get("causal_lm")
+    total, tokens = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for idx in eval_batches(data.lengths, batch_size):
+        batch = {k: v.to(device) for k, v in collate_lm(data, idx, pad_id).items()}
+        with autocast:
+            loss, _ = objective(model, batch)
+        total += float(loss)
+        tokens += int((batch["labels"] != -100).sum())
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}

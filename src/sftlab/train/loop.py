@@ -24,9 +24,10 @@ from .. import strategies  # noqa: F401  (registers the strategies)
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
 from ..config import RunConfig, dump_config
 from ..data.batches import collate, micro_batches, step_batches
+from ..data.lm import collate_lm
 from ..data.prepare import format_report, prepare
 from ..errors import RunDirError
-from ..eval.infer import predict_logits
+from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
 from ..registry import objectives, strategies as strategy_registry
@@ -64,11 +65,18 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     model = strategy_registry.get(cfg.strategy.name)(model, cfg.strategy)
     model.to(acc.device)
     objective = objectives.get(cfg.task)
-    regression = cfg.task == "regression"
+    causal = cfg.task == "causal_lm"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if causal:
+        collate_fn = lambda data, idx: collate_lm(data, idx, pad_id)  # noqa: E731
+    else:
+        collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression")  # noqa: E731
 
     train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
     lengths = train_data.lengths
+    # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
+    # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
+    weights = train_data.weights if causal else [1] * len(train_data)
     step_size = t.batch_size * t.grad_accum * acc.num_processes
     steps_per_epoch = math.ceil(len(train_data) / step_size)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
@@ -79,7 +87,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
 
     # --- resume: model, optimizer, scheduler, RNG and data position ----------------------------------------
     state = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
-             "examples": 0, "train_seconds": 0.0}
+             "examples": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None}
     step = 0
     ckpts = complete_checkpoints(run_dir) if resume else []
     if ckpts:
@@ -96,13 +104,16 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
             metrics_file.flush()
 
     def evaluate(split: str, encoded) -> dict:
+        if causal:
+            return lm_scores(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
+                             bf16=t.precision == "bf16")
         logits, loss = predict_logits(raw_model, encoded, cfg.task, batch_size=t.eval_batch_size, pad_id=pad_id,
                                       device=acc.device, bf16=t.precision == "bf16")
         return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
 
     def checkpoint() -> None:
         # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
-        state["window"] = [float(window_loss), window_examples, window_seconds]
+        state["window"] = [float(window_loss), window_examples, window_units, window_seconds]
         if main:
             save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
         acc.wait_for_everyone()
@@ -112,9 +123,9 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (main and t.progress),
                file=sys.stderr, dynamic_ncols=True)
-    window_loss, window_examples, window_seconds = torch.zeros(()), 0, 0.0
+    window_loss, window_examples, window_units, window_seconds = torch.zeros(()), 0, 0, 0.0
     if "window" in state:
-        window_loss, window_examples, window_seconds = torch.tensor(state["window"][0]), *state["window"][1:]
+        window_loss, window_examples, window_units, window_seconds = torch.tensor(state["window"][0]), *state["window"][1:]
     stop = step >= total_steps
     while not stop:
         epoch = state["epoch"]
@@ -122,13 +133,14 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         for step_batch in batches[state["step_in_epoch"]:]:
             tick = time.perf_counter()
             micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, t.grad_accum)
+            units = sum(weights[i] for i in step_batch)
             for k, idx in enumerate(micro):
-                batch = {key: v.to(acc.device) for key, v in collate(train_data, idx, pad_id, regression).items()}
+                batch = {key: v.to(acc.device) for key, v in collate_fn(train_data, idx).items()}
                 sync = k == len(micro) - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
                     loss_sum, _ = objective(model, batch)
-                # Sum / step-batch size (x world, undone by DDP's mean): exactly the mean over the step batch.
-                acc.backward(loss_sum * acc.num_processes / len(step_batch))
+                # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
+                acc.backward(loss_sum * acc.num_processes / units)
                 window_loss += loss_sum.detach().float().cpu()
             grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
             optimizer.step()
@@ -137,7 +149,9 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
             step += 1
             state["step_in_epoch"] += 1
             state["examples"] += len(step_batch)
+            state["tokens"] += sum(lengths[i] for i in step_batch)
             window_examples += len(step_batch)
+            window_units += units
             state["train_seconds"] += time.perf_counter() - tick
             window_seconds += time.perf_counter() - tick
             bar.update(1)
@@ -147,13 +161,14 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
 
             if step % t.log_every == 0 or step == total_steps:
                 record = {"step": step, "epoch": round(state["epoch"] + state["step_in_epoch"] / len(batches), 4),
-                          "loss": float(window_loss) / max(1, window_examples / acc.num_processes),
+                          "loss": float(window_loss) / max(1, window_units / acc.num_processes),
                           "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / window_seconds}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 write(record)
+                state["last_loss"] = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-                window_loss, window_examples, window_seconds = torch.zeros(()), 0, 0.0
+                window_loss, window_examples, window_units, window_seconds = torch.zeros(()), 0, 0, 0.0
 
             stop = step >= total_steps
             due = (step % t.eval_every == 0) if t.eval_every else epoch_end
@@ -187,6 +202,10 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         "run_dir": str(run_dir), "steps": step, "examples": state["examples"],
         "train_seconds": round(state["train_seconds"], 3),
         "train_examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
+        "train_tokens": state["tokens"], "train_tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "final_loss": state["last_loss"],
+        "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in raw_model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "best_metric": metric, "best_step": state["best_step"], "dev_metrics": state.get("best_scores"),
         "processes": acc.num_processes, "device": str(acc.device), "data": data.report(cfg.task),

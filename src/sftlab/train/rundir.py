@@ -65,8 +65,13 @@ def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    from ..models import resolve_model
+
+    adapter = (tmp / "adapter_config.json").is_file()
     meta = {
-        "task": cfg.task, "labels": labels, "max_length": cfg.data.max_length,
+        "task": cfg.task, "labels": labels, "max_length": cfg.data.max_length, "adapter": adapter,
+        "base_path": resolve_model(cfg.model.name) if adapter else None,
+        "template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
         "text_pair": cfg.data.text_pair is not None, "step": step, "dev_metrics": scores,
         "base_model": cfg.model.name, "strategy": cfg.strategy.name,
     }

@@ -1,0 +1,27 @@
+"""Causal LM: summed next-token cross-entropy over positions with a target (targets pre-shifted, -100 = none).
+
+Only positions with a target go through the output layer: prompts and padding never pay for the
+vocabulary projection (49k columns for SmolLM2), which is most of a chat batch's logits cost.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from ..registry import objectives
+
+
+@objectives.register("causal_lm")
+def causal_lm_loss(model, batch) -> tuple[torch.Tensor, None]:
+    labels = batch["labels"]
+    # use_cache=False: with a KV cache, transformers ignores position_ids when building the packed-sequence
+    # (block-diagonal) mask, and attention would leak across packed examples.
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
+    keep = labels != -100
+    if isinstance(model, DistributedDataParallel):  # DDP syncs gradients only through its own forward
+        logits = model(**inputs).logits
+        return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), None
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), None
