@@ -72,6 +72,12 @@ class DataConfig(_Section):
     """causal_lm loss: every assistant turn (default), all tokens, or only the last assistant turn."""
     overlength: Literal["truncate", "drop", "error"] = "truncate"
     """Examples longer than max_length: cut at max_length, drop them, or stop with file:line. Counted either way."""
+    prompt: str | None = None
+    """causal_lm from labelled columns: user-turn template with {column} fields, e.g. "Review: {sentence}"."""
+    completion: str | None = None
+    """causal_lm from labelled columns: assistant-turn template, e.g. "{label}" (label words via label_words)."""
+    label_words: dict[str, str] | None = None
+    """causal_lm from labelled columns: raw label -> word, e.g. {"0": negative, "1": positive}."""
     packing: bool = False
     """causal_lm: pack several examples into each max_length row (attention never crosses examples)."""
 
@@ -195,6 +201,8 @@ class RunConfig(_Section):
                 raise ValueError(f"train.metric {metric!r} does not fit task {self.task}; use one of {allowed}")
         if self.train.early_stopping_patience is not None and self.data.dev is None:
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
+        if (self.data.prompt is None) != (self.data.completion is None):
+            raise ValueError("data.prompt and data.completion go together: set both (or neither)")
         if self.data.packing and self.task != "causal_lm":
             raise ValueError("data.packing is for task: causal_lm; remove it or set task=causal_lm")
         if self.task == "regression" and self.data.labels is not None:

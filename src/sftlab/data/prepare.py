@@ -83,6 +83,7 @@ def format_report(report: dict) -> str:
 
 def _prepare_lm(cfg: RunConfig, tokenizer, splits) -> Prepared:
     from .chat import encode_conversations, rows_to_conversations
+    from .columns import to_prompt_completion
     from .examples import resolve_path
     from .lm import build, pack
     from .read import read_table
@@ -96,7 +97,10 @@ def _prepare_lm(cfg: RunConfig, tokenizer, splits) -> Prepared:
             continue
         source = resolve_path(d, path)
         table = read_table(source, header=True, skip_invalid=d.skip_invalid)
-        convs, skipped = rows_to_conversations(table, d)
+        if d.prompt is not None:
+            table = to_prompt_completion(table, d.model_copy(update={"format": "prompt_completion"}))
+        fmt = d.model_copy(update={"format": "prompt_completion"}) if d.prompt is not None else d
+        convs, skipped = rows_to_conversations(table, fmt)
         if limits[name]:
             convs = convs[: limits[name]]
         ids, masks, counts = encode_conversations(tokenizer, convs, d)
