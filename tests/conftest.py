@@ -66,3 +66,43 @@ def tiny_overrides(tiny_model_dir, toy_data, tmp_path) -> list[str]:
     return [f"model.name={tiny_model_dir}", f"data.train={toy_data['train']}", f"data.dev={toy_data['dev']}",
             "train.epochs=2", "train.batch_size=8", "train.lr=1e-3", "train.precision=fp32", "train.progress=false",
             f"output_dir={tmp_path / 'run'}"]
+
+
+CHAT_WORDS = ("hello there good morning translate to french how are you today the weather is nice sure here is an "
+              "answer please tell me about cats and dogs they sleep a lot bonjour thanks positive negative").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with an in-process byte-level BPE tokenizer (ChatML tokens, no chat template: the
+    ChatML fallback renders), saved as an HF folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choices(CHAT_WORDS, k=12)).capitalize() + "." for _ in range(400)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_chats(n: int, seed: int = 0) -> list[dict]:
+    """Sentiment as chat: the assistant answers positive/negative."""
+    rows = make_rows(n, seed)
+    return [{"messages": [{"role": "user", "content": f"Is this positive or negative? {r['text']}"},
+                          {"role": "assistant", "content": r["label"]}]} for r in rows]

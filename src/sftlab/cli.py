@@ -42,9 +42,29 @@ def cmd_data_check(args) -> None:
         print(json.dumps(report))
 
 
+def _is_causal(target: str) -> bool:
+    """A decoder run (sftlab.json says causal_lm), or a base model name/HF folder evaluated before fine-tuning."""
+    from pathlib import Path
+
+    p = Path(target)
+    for cand in (p / "best" / "sftlab.json", p / "sftlab.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())["task"] == "causal_lm"
+    return (p / "config.json").is_file() or not p.exists()
+
+
 def cmd_eval(args) -> None:
     from .eval.evaluate import evaluate_file
 
+    if _is_causal(args.run):
+        from .eval.gen_eval import evaluate_generation
+
+        labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+        scores = evaluate_generation(args.run, args.data, config=args.config, icl_shots=args.icl_shots,
+                                     labels=labels, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                     limit=args.limit, seed=args.seed, out=args.out, bf16=not args.fp32)
+        print(json.dumps(scores))
+        return
     scores = evaluate_file(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
                            columns=_columns(args))
     print(json.dumps(scores))
@@ -64,6 +84,50 @@ def cmd_predict(args) -> None:
     finally:
         if args.out:
             out.close()
+
+
+def cmd_generate(args) -> None:
+    from .data.chat import render_prompt
+    from .eval.gen_eval import load_generator
+    from .eval.generate import generate
+
+    model, tok, meta = load_generator(args.run)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    prompt = render_prompt(tok, messages, meta.get("template"))
+    out = generate(model, tok, [prompt] * args.n, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   stop=[tok.eos_token] if tok.eos_token else None)
+    for text in out:
+        print(text)
+
+
+def cmd_chat(args) -> None:
+    from .data.chat import render_prompt
+    from .eval.gen_eval import load_generator
+    from .eval.generate import generate
+
+    model, tok, meta = load_generator(args.run)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tok, [render_prompt(tok, history, meta.get("template"))],
+                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed, stop=[tok.eos_token] if tok.eos_token else None)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)
 
 
 def _config_path(path: str) -> str | None:
@@ -106,9 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--text"), e.add_argument("--text-pair"), e.add_argument("--label")
         e.add_argument("--batch-size", type=int, default=128)
         e.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+        if name == "eval":  # decoders: generation-based evaluation
+            e.add_argument("--config", help="decoders: config giving the data layout (default: the run's own)")
+            e.add_argument("--icl-shots", type=int, default=0, help="decoders: K in-context examples from data.train")
+            e.add_argument("--labels", help="decoders: comma-separated label words scored as accuracy")
+            e.add_argument("--max-new-tokens", type=int, default=64)
+            e.add_argument("--limit", type=int, help="decoders: evaluate the first N rows only")
+            e.add_argument("--seed", type=int, default=0)
+            e.add_argument("--out", help="decoders: per-example outputs as JSONL (must not exist)")
         if name == "predict":
             e.add_argument("--out", help="write JSONL here (must not exist) instead of stdout")
         e.set_defaults(fn=fn)
+    for name, fn, help_ in (("generate", cmd_generate, "generate a reply to --prompt with a decoder"),
+                            ("chat", cmd_chat, "interactive chat with a decoder")):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("run", metavar="RUN_DIR", help="a causal_lm run directory, or a model name or folder")
+        if name == "generate":
+            g.add_argument("--prompt", required=True)
+            g.add_argument("-n", type=int, default=1, help="number of replies")
+        g.add_argument("--system", help="system message")
+        g.add_argument("--max-new-tokens", type=int, default=128)
+        g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        g.add_argument("--temperature", type=float, default=0.7)
+        g.add_argument("--top-p", type=float, default=0.9)
+        g.add_argument("--seed", type=int, default=0)
+        g.set_defaults(fn=fn)
     return p
 
 

@@ -1,0 +1,97 @@
+"""Generation-based evaluation of decoders: what the model *says*, scored against the reference answer.
+
+Works on a fine-tuned run or on a base model before any fine-tuning, optionally with K-shot in-context
+examples from the training set, so zero-shot, K-shot ICL and SFT are measured on the same metric.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import DataConfig
+from ..data.chat import render_prompt, rows_to_conversations
+from ..data.columns import to_prompt_completion
+from ..data.examples import resolve_path
+from ..data.read import read_table
+from ..errors import ConfigError
+from .gen_metrics import generation_metrics, label_accuracy
+from .generate import generate
+from .icl import build_icl_messages, select_shots
+
+
+def load_generator(target: str, device=None):
+    """(model, tokenizer, meta) for a run dir / its best folder, or a base model name or folder."""
+    from .evaluate import load_trained
+
+    p = Path(target)
+    if (p / "best" / "sftlab.json").is_file() or (p / "sftlab.json").is_file():
+        return load_trained(target, device=device)
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_tokenizer, resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(target))
+    model.to(device or torch.device("cpu")).eval()
+    return model, load_tokenizer(target), {"task": "causal_lm", "template": None, "system_prompt": None}
+
+
+def data_config(target: str, config: str | None) -> DataConfig:
+    """Data layout from --config, else from the run's own config.yaml."""
+    for cand in ([Path(config)] if config else [Path(target) / "config.yaml", Path(target).parent / "config.yaml"]):
+        if cand.is_file():
+            raw = yaml.safe_load(cand.read_text()) or {}
+            return DataConfig(**(raw.get("data") or {}))
+    if config:
+        raise ConfigError(f"--config {config}: file not found")
+    return DataConfig()
+
+
+def conversations(dcfg: DataConfig, path: str, limit: int | None = None):
+    table = read_table(resolve_path(dcfg, path), header=True, skip_invalid=dcfg.skip_invalid)
+    if dcfg.prompt is not None:
+        table = to_prompt_completion(table, dcfg)
+        dcfg = dcfg.model_copy(update={"format": "prompt_completion"})
+    convs, _ = rows_to_conversations(table, dcfg)
+    return convs[:limit] if limit else convs
+
+
+def evaluate_generation(target: str, data: str, *, config: str | None = None, icl_shots: int = 0,
+                        labels: list[str] | None = None, max_new_tokens: int = 64, batch_size: int = 16,
+                        limit: int | None = None, seed: int = 0, out: str | None = None, bf16: bool = True) -> dict:
+    model, tokenizer, meta = load_generator(target)
+    dcfg = data_config(target, config)
+    template = dcfg.template or meta.get("template")
+    convs = conversations(dcfg, data, limit)
+    shots_pool = []
+    if icl_shots:
+        if not dcfg.train:
+            raise ConfigError("--icl-shots needs data.train (from --config or the run's config) to draw shots from")
+        shots_pool = [{"prompt": c.messages[-2]["content"], "label": c.messages[-1]["content"]}
+                      for c in conversations(dcfg, dcfg.train)]
+    prompts, refs = [], []
+    for i, conv in enumerate(convs):
+        history = conv.messages[:-1]
+        if icl_shots:
+            shots = select_shots(shots_pool, icl_shots, seed=seed * 1_000_003 + i,
+                                 label_key="label" if labels else None)
+            query = history[-1]["content"]
+            system = [m for m in history if m["role"] == "system"]
+            history = build_icl_messages([(s["prompt"], s["label"]) for s in shots], query,
+                                         system=system[0]["content"] if system else None)
+        prompts.append(render_prompt(tokenizer, history, template))
+        refs.append(conv.messages[-1]["content"])
+    stop = [tokenizer.eos_token] if tokenizer.eos_token else None
+    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+                     bf16=bf16, progress=True, seed=seed)
+    scores = generation_metrics(preds, refs, labels=labels)
+    scores |= {"examples": len(convs), "icl_shots": icl_shots}
+    if out:
+        parsed = label_accuracy(preds, refs, labels)[1] if labels else [None] * len(preds)
+        with open(out, "x", encoding="utf-8") as f:
+            for prompt, ref, pred, lab in zip(prompts, refs, preds, parsed):
+                f.write(json.dumps({"prompt": prompt, "reference": ref, "output": pred, "parsed": lab},
+                                   ensure_ascii=False) + "\n")
+    return scores
