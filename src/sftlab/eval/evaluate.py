@@ -17,6 +17,10 @@ from .infer import predict_logits
 from .metrics import compute_metrics
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def find_model_dir(path: str | Path) -> Path:
     """A run directory (uses RUN_DIR/best) or a model folder with sftlab.json."""
     p = Path(path)
@@ -41,7 +45,7 @@ def load_trained(path, device=None):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device or torch.device("cpu")).eval()
+    model.to(device or default_device()).eval()
     return model, tokenizer, meta
 
 
@@ -74,7 +78,7 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
     split, _ = load_split(dcfg, data, meta["task"], labels)
     enc = encode(tokenizer, split.examples, meta["max_length"])
     logits, loss = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
-                                  device=torch.device("cpu"), bf16=bf16)
+                                  device=model.device, bf16=bf16)
     scores = compute_metrics(meta["task"], logits, np.array(enc.labels)) | {"loss": loss}
     return scores | {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
 
@@ -87,7 +91,7 @@ def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dic
                           need_label=False)
     enc = encode(tokenizer, split.examples, meta["max_length"])
     logits, _ = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
-                               device=torch.device("cpu"), bf16=bf16)
+                               device=model.device, bf16=bf16)
     for ex, row in zip(split.examples, logits):
         out = {"line": ex.line, "text": ex.text}
         if ex.text_pair is not None:

@@ -34,7 +34,9 @@ def load_generator(target: str, device=None):
     from ..models import load_tokenizer, resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(target))
-    model.to(device or torch.device("cpu")).eval()
+    from .evaluate import default_device
+
+    model.to(device or default_device()).eval()
     return model, load_tokenizer(target), {"task": "causal_lm", "template": None, "system_prompt": None}
 
 
@@ -70,7 +72,7 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
         if not dcfg.train:
             raise ConfigError("--icl-shots needs data.train (from --config or the run's config) to draw shots from")
         shots_pool = [{"prompt": c.messages[-2]["content"], "label": c.messages[-1]["content"]}
-                      for c in conversations(dcfg, dcfg.train)]
+                      for c in conversations(dcfg, dcfg.train, dcfg.limit_train)]
     prompts, refs = [], []
     for i, conv in enumerate(convs):
         history = conv.messages[:-1]
@@ -85,7 +87,7 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
         refs.append(conv.messages[-1]["content"])
     stop = [tokenizer.eos_token] if tokenizer.eos_token else None
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
-                     bf16=bf16, progress=True, seed=seed)
+                     bf16=bf16, progress=True, seed=seed, device=model.device)
     scores = generation_metrics(preds, refs, labels=labels)
     scores |= {"examples": len(convs), "icl_shots": icl_shots}
     if out:
