@@ -154,6 +154,8 @@ class TrainConfig(_Section):
     """Resumable checkpoints kept in the run directory (oldest pruned after a newer one is complete)."""
     log_every: int = 10
     """Write a line to metrics.jsonl every N optimizer steps."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less memory for ~30% more compute (long sequences, decoders)."""
     num_threads: int | None = None
     """torch intra-op threads (null: torch's default, one per core)."""
     progress: bool = True

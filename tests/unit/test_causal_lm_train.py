@@ -97,3 +97,15 @@ def test_generate_and_generation_eval(chat_overrides, tmp_path, capsys):
                  "positive,negative", "--max-new-tokens", "3"]) == 0
     icl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert icl["icl_shots"] == 2 and icl["examples"] == 16
+
+
+def test_gradient_checkpointing_gives_the_same_weights(chat_overrides, tmp_path):
+    over = chat_overrides + ["train.epochs=1", "strategy.name=lora"]
+    a = run(over, tmp_path / "a")
+    b = run(over + ["train.gradient_checkpointing=true"], tmp_path / "b")
+
+    def last(d):
+        return load_file(str(sorted((d / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+
+    wa, wb = last(a), last(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
