@@ -64,8 +64,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     )
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = strategy_registry.get(cfg.strategy.name)(model, cfg.strategy)
     model.to(acc.device)
     objective = objectives.get(cfg.task)
