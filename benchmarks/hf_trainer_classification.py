@@ -15,10 +15,12 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = Path(os.environ.get("SFTLAB_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -71,21 +73,6 @@ def hf_worker(data_dir: Path, n_train: int, out: Path) -> None:
     out.write_text(json.dumps({
         "examples_per_s": metrics["train_samples_per_second"], "train_seconds": metrics["train_runtime"],
         "dev_accuracy": dev["eval_accuracy"], "n_train": len(train_ds)}))
-
-
-def run_child(cmd: list[str], env: dict[str, str], capture: bool) -> tuple[int, str, float]:
-    """Start cmd, wait for it with wait4 and return (exit code, stdout, peak RSS MB of that child alone).
-
-    RUSAGE_CHILDREN would accumulate over every child reaped so far; wait4 gives this one's own ru_maxrss.
-    Child stdout goes to our stderr (or is captured) so that our stdout carries only the tables."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE if capture else sys.stderr)
-    stdout = proc.stdout.read() if capture else ""  # read to EOF before reaping, or a full pipe deadlocks
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
-    if capture:
-        sys.stderr.write(stdout)
-    return proc.returncode, stdout, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:

@@ -39,6 +39,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SFTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
 MODEL = "smollm2-135m-instruct"
@@ -115,21 +118,6 @@ def trl_worker(model_dir: Path, chats_path: Path, out: Path, gradient_checkpoint
         "trl_num_tokens_logged": seen[-1] if seen else None, "mean_train_loss": metrics.get("train_loss")}))
 
 
-def run_child(cmd: list[str], env: dict[str, str], capture: bool) -> tuple[int, str, float]:
-    """Start cmd, wait for it with wait4 and return (exit code, stdout, peak RSS MB of that child alone).
-
-    RUSAGE_CHILDREN would accumulate over every child reaped so far; wait4 gives this one's own ru_maxrss.
-    Child stdout goes to our stderr (or is captured) so that our stdout carries only the tables."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE if capture else sys.stderr)
-    stdout = proc.stdout.read() if capture else ""  # read to EOF before reaping, or a full pipe deadlocks
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
-    if capture:
-        sys.stderr.write(stdout)
-    return proc.returncode, stdout, usage.ru_maxrss / 1024  # KiB on Linux
-
-
 def child_env(args: argparse.Namespace) -> dict[str, str]:
     # Same environment for both sides: torch's default (all cores) thread count, made explicit so that
     # neither side's libraries pick a different one; tokenizers' own thread pool off, no hub access.
@@ -175,7 +163,8 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i
                f"train.batch_size={w['batch_size']}", f"train.lr={w['lr']}", f"train.weight_decay={w['weight_decay']}",
                f"train.max_grad_norm={w['max_grad_norm']}", f"train.warmup_ratio={w['warmup_ratio']}",
                f"train.precision={w['precision']}", f"train.seed={w['seed']}", f"train.log_every={w['log_every']}",
-               "train.progress=false", f"output_dir={tmp / f'sftlab-run-{i}'}"]
+               "train.progress=false", f"output_dir={tmp / f'sftlab-run-{i}'}",
+               f"train.gradient_checkpointing={str(args.sftlab_gradient_checkpointing).lower()}"]
         rc, stdout, rss = run_child(cmd, env, capture=True)
         lines = stdout.strip().splitlines()
         if rc != 0 or not lines:
@@ -232,6 +221,8 @@ def main() -> None:
                    help=f"HF folder for the TRL side (default: sftlab's cached conversion of {MODEL})")
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
                    help="turn off TRL's default gradient checkpointing (faster, more memory)")
+    p.add_argument("--sftlab-gradient-checkpointing", action="store_true",
+                   help="sftlab side with activation checkpointing too (TRL's default), for a memory-fair run")
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
     p.add_argument("--_worker", choices=("trl",), help=argparse.SUPPRESS)

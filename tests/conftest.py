@@ -72,25 +72,33 @@ CHAT_WORDS = ("hello there good morning translate to french how are you today th
               "answer please tell me about cats and dogs they sleep a lot bonjour thanks positive negative").split()
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama with an in-process byte-level BPE tokenizer (ChatML tokens, no chat template: the
-    ChatML fallback renders), saved as an HF folder."""
-    import torch
+def train_bpe_tokenizer(trim_offsets: bool = False, words=CHAT_WORDS, vocab_size: int = 400):
+    """A real byte-level BPE (GPT-2 style) trained in-process on a few hundred sentences, with ChatML tokens
+    and no chat template (so sftlab's ChatML fallback renders)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    corpus = [" ".join(rng.choices(CHAT_WORDS, k=12)).capitalize() + "." for _ in range(400)]
+    corpus = [" ".join(rng.choices(words, k=12)).capitalize() + "." for _ in range(400)]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    # trim_offsets=True is GPT-2's setting: " Hello" gets offsets without its space, " " becomes zero-width.
+    tk.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
     tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with an in-process byte-level BPE tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_bpe_tokenizer()
     out = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

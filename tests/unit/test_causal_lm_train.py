@@ -87,7 +87,7 @@ def test_generate_and_generation_eval(chat_overrides, tmp_path, capsys):
     assert main(["eval", str(run_dir), "--data", dev, "--labels", "positive,negative", "--max-new-tokens", "3",
                  "--out", str(out)]) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"label_accuracy", "exact_match", "bleu", "rouge_l", "examples"} <= set(scores)
+    assert {"label_accuracy", "exact_match", "bleu", "rouge_l", "ref_perplexity", "examples"} <= set(scores)
     assert scores["examples"] == 16 and len(out.read_text().splitlines()) == 16
     # ICL on the base (un-tuned) model: shots come from the config's data.train
     cfg = tmp_path / "icl.yaml"
@@ -109,3 +109,11 @@ def test_gradient_checkpointing_gives_the_same_weights(chat_overrides, tmp_path)
 
     wa, wb = last(a), last(b)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_interactive_chat(chat_overrides, tmp_path, monkeypatch, capsys):
+    run_dir = run(chat_overrides + ["train.epochs=1"], tmp_path / "c")
+    lines = iter(["Is this positive or negative? the meal was awful", "/reset", "", "hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(run_dir), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2  # two real turns; /reset and blank lines answer nothing

@@ -3,12 +3,11 @@ exactly the assistant turns (content + end-of-turn marker) whatever the template
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, train_bpe_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data.chat import (CHATML, Conversation, encode_conversations, render_and_mask, render_prompt,
                               rows_to_conversations)
@@ -21,22 +20,7 @@ WORDS = ("hello there good morning translate to french how are you today the wea
 
 
 def _train_tokenizer(trim_offsets: bool):
-    """A real byte-level BPE (GPT-2 style) trained in-process on a few hundred sentences, with ChatML tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choices(WORDS, k=12)).capitalize() + "." for _ in range(400)]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    # trim_offsets=True is GPT-2's setting: " Hello" gets offsets without its space, " " becomes zero-width.
-    tk.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
+    return train_bpe_tokenizer(trim_offsets, words=WORDS, vocab_size=500)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["trim_offsets", "raw_offsets"])

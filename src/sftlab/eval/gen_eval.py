@@ -60,6 +60,17 @@ def conversations(dcfg: DataConfig, path: str, limit: int | None = None):
     return convs[:limit] if limit else convs
 
 
+def reference_perplexity(model, tokenizer, convs, dcfg: DataConfig, template, batch_size: int, bf16: bool) -> dict:
+    from ..data.chat import encode_conversations
+    from ..data.lm import build
+    from .infer import lm_scores
+
+    ids, masks, counts = encode_conversations(tokenizer, convs, dcfg.model_copy(update={"template": template}))
+    scores = lm_scores(model, build(ids, masks, counts), batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
+                       device=model.device, bf16=bf16)
+    return {"ref_loss": scores["loss"], "ref_perplexity": scores["perplexity"]}
+
+
 def evaluate_generation(target: str, data: str, *, config: str | None = None, icl_shots: int = 0,
                         labels: list[str] | None = None, max_new_tokens: int = 64, batch_size: int = 16,
                         limit: int | None = None, seed: int = 0, out: str | None = None, bf16: bool = True) -> dict:
@@ -89,6 +100,8 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
                      bf16=bf16, progress=True, seed=seed, device=model.device)
     scores = generation_metrics(preds, refs, labels=labels)
+    if not icl_shots:  # perplexity of the reference answers under the model (same prompts, no shots)
+        scores |= reference_perplexity(model, tokenizer, convs, dcfg, template, batch_size, bf16)
     scores |= {"examples": len(convs), "icl_shots": icl_shots}
     if out:
         parsed = label_accuracy(preds, refs, labels)[1] if labels else [None] * len(preds)
