@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,9 @@ def run_child(cmd: list[str], env: dict[str, str], capture: bool) -> tuple[int, 
     if capture:
         sys.stderr.write(stdout)
     return proc.returncode, stdout, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def median_of(runs: list[dict], tool: str, keys: tuple[str, ...]) -> dict | None:
+    """Per-key medians over one tool's runs (None if it has none)."""
+    mine = [r for r in runs if r["tool"] == tool]
+    return {k: statistics.median(r[k] for r in mine) for k in keys} if mine else None

@@ -14,13 +14,12 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_child  # noqa: E402
+from _common import median_of, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = Path(os.environ.get("SFTLAB_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -109,16 +108,10 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
     return {"tool": side, "run": i, **result, "peak_rss_mb": rss}
 
 
-def median_of(runs: list[dict], tool: str) -> dict | None:
-    mine = [r for r in runs if r["tool"] == tool]
-    if not mine:
-        return None
-    keys = ("examples_per_s", "train_seconds", "peak_rss_mb", "dev_accuracy")
-    return {k: statistics.median(r[k] for r in mine) for k in keys}
-
+KEYS = ("examples_per_s", "train_seconds", "peak_rss_mb", "dev_accuracy")
 
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
-    med = {t: m for t in ("hf", "sftlab") if (m := median_of(runs, t))}
+    med = {t: m for t in ("hf", "sftlab") if (m := median_of(runs, t, KEYS))}
     names = {"hf": "HF Trainer (dyn. pad + group_by_length + bf16)", "sftlab": "sftlab"}
     print(f"\nminilm-l6, SST-2 first {args.n_train} train rows x 1 epoch, dev 872 rows; medians of {args.runs} run(s)\n")
     print("| tool | examples/s | train s | peak RSS MB | dev accuracy |\n|---|---:|---:|---:|---:|")

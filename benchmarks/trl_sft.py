@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_child  # noqa: E402
+from _common import median_of, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SFTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -176,16 +175,10 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i
     return {"tool": side, "run": i, **result, "peak_rss_mb": rss}
 
 
-def median_of(runs: list[dict], tool: str) -> dict | None:
-    mine = [r for r in runs if r["tool"] == tool]
-    if not mine:
-        return None
-    keys = ("tokens_per_s", "train_seconds", "peak_rss_mb", "final_loss", "train_tokens")
-    return {k: statistics.median(r[k] for r in mine) for k in keys}
-
+KEYS = ("tokens_per_s", "train_seconds", "peak_rss_mb", "final_loss", "train_tokens")
 
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
-    med = {t: m for t in ("trl", "sftlab") if (m := median_of(runs, t))}
+    med = {t: m for t in ("trl", "sftlab") if (m := median_of(runs, t, KEYS))}
     gc = "off" if args.trl_no_gradient_checkpointing else "on"
     names = {"trl": f"TRL SFTTrainer (packing + bf16, grad. ckpt {gc})", "sftlab": "sftlab"}
     print(f"\n{MODEL}, LoRA r={WORK['lora_r']} all-linear, {args.n_chats} chats x 1 epoch, batch {WORK['batch_size']}, "

@@ -126,9 +126,11 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (main and t.progress),
                file=sys.stderr, dynamic_ncols=True)
-    window_loss, window_examples, window_units, window_seconds = torch.zeros(()), 0, 0, 0.0
+    # The window's loss stays on the device: no host sync per micro-batch, only when a line is logged.
+    window_loss, window_examples, window_units, window_seconds = torch.zeros((), device=acc.device), 0, 0, 0.0
     if "window" in state:
-        window_loss, window_examples, window_units, window_seconds = torch.tensor(state["window"][0]), *state["window"][1:]
+        window_loss = torch.tensor(state["window"][0], device=acc.device)
+        window_examples, window_units, window_seconds = state["window"][1:]
     stop = step >= total_steps
     while not stop:
         epoch = state["epoch"]
@@ -144,7 +146,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
                     loss_sum, _ = objective(model, batch)
                 # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
                 acc.backward(loss_sum * acc.num_processes / units)
-                window_loss += loss_sum.detach().float().cpu()
+                window_loss += loss_sum.detach().float()
             grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
             optimizer.step()
             scheduler.step()
@@ -171,7 +173,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
                 write(record)
                 state["last_loss"] = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-                window_loss, window_examples, window_units, window_seconds = torch.zeros(()), 0, 0, 0.0
+                window_loss, window_examples, window_units, window_seconds = window_loss.zero_(), 0, 0, 0.0
 
             stop = step >= total_steps
             due = (step % t.eval_every == 0) if t.eval_every else epoch_end
