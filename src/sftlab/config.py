@@ -94,7 +94,8 @@ class DataConfig(_Section):
 
 class StrategyConfig(_Section):
     name: str = "full"
-    """How much of the model trains: full, head_only, lora, dora (see `sftlab.registry.strategies`)."""
+    """How much of the model trains: full, ffn_only, top_k_layers, head_only, gradual_unfreezing, llrd, bitfit,
+    lora, dora, prompt_tuning, prefix_tuning, adapter (docs/strategies.md). The task head always trains."""
     r: int = 16
     """lora/dora: rank of the update matrices."""
     alpha: float = 32
@@ -103,6 +104,21 @@ class StrategyConfig(_Section):
     """lora/dora: dropout on the adapter input."""
     target_modules: str | list[str] = "all-linear"
     """lora/dora: module names to adapt, or all-linear (every linear layer but the output/head)."""
+    k: int = 2
+    """top_k_layers: how many of the last blocks train."""
+    head: Literal["linear", "mlp"] = "linear"
+    """head_only: linear probe, or mlp (also train the pooler between backbone and head: dense + tanh)."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay for any strategy: block i of L gets lr x decay^(L - i), embeddings decay^(L + 1),
+    the head the full lr. llrd uses 0.8 unless set. None: off."""
+    unfreeze_every: int | None = None
+    """gradual_unfreezing: optimizer steps between unfreezing one more block (default: one epoch's steps)."""
+    num_virtual_tokens: int = 20
+    """prompt_tuning/prefix_tuning: number of trained virtual tokens."""
+    adapter_type: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """adapter: houlsby (after attention and feed-forward sublayers) or pfeiffer (after feed-forward only)."""
+    reduction: int = 16
+    """adapter: bottleneck width = hidden size / reduction."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -110,6 +126,16 @@ class StrategyConfig(_Section):
             raise ValueError(f"strategy.r must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"strategy.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("k", "num_virtual_tokens", "reduction"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"strategy.{key} must be >= 1, got {getattr(self, key)}")
+        if self.unfreeze_every is not None and self.unfreeze_every < 1:
+            raise ValueError(f"strategy.unfreeze_every must be >= 1 step, got {self.unfreeze_every}; "
+                             "leave it unset for once per epoch")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"strategy.layer_decay must be in (0, 1], got {self.layer_decay}; 0.8 is typical")
+        if self.name == "llrd" and self.layer_decay is None:
+            self.layer_decay = 0.8
         return self
 
 
@@ -209,6 +235,9 @@ class RunConfig(_Section):
             raise ValueError("data.packing is for task: causal_lm; remove it or set task=causal_lm")
         if self.task == "regression" and self.data.labels is not None:
             raise ValueError("data.labels is for classification; remove it for task: regression")
+        if self.data.packing and self.strategy.name in ("prompt_tuning", "prefix_tuning"):
+            # peft drops position_ids for prompt learning, so packed examples would attend to each other
+            raise ValueError(f"strategy.name {self.strategy.name} cannot train on packed rows; set data.packing=false")
 
         from . import strategies as _registered  # noqa: F401  (fills the registry)
         from .registry import strategies

@@ -44,7 +44,7 @@ def test_toy_groups():
     model = Toy()
     check_groups(
         model,
-        param_groups(model, 0.1),
+        param_groups(model, 0.1, 1e-3),
         0.1,
         expect_skip={"proj.bias", "LayerNorm.weight", "LayerNorm.bias", "rms_norm.weight", "scale", "norm2d"},
         expect_decay={"embed.weight", "proj.weight", "head.weight"},
@@ -62,15 +62,17 @@ def test_bert_groups(tiny_model_dir):
     assert any("LayerNorm.weight" in n for n in skip) and "classifier.bias" in skip
     assert "classifier.weight" in decay and "bert.embeddings.word_embeddings.weight" in decay
     assert all(dict(model.named_parameters())[n].ndim == 2 for n in decay)  # every decayed tensor is a matrix
-    check_groups(model, param_groups(model, 0.01), 0.01, skip, decay)
+    check_groups(model, param_groups(model, 0.01, 1e-3), 0.01, skip, decay)
 
     # head_only: the frozen backbone is in neither group.
     from sftlab.strategies.basic import head_only
 
-    head_only(model, None)
+    from sftlab.config import StrategyConfig
+
+    head_only(model, StrategyConfig(name="head_only"), None)
     head = {n for n, p in model.named_parameters() if p.requires_grad}
     assert head == {"classifier.weight", "classifier.bias"}
-    check_groups(model, param_groups(model, 0.01), 0.01, skip & head, decay & head)
+    check_groups(model, param_groups(model, 0.01, 1e-3), 0.01, skip & head, decay & head)
 
 
 @pytest.mark.parametrize(

@@ -35,10 +35,14 @@ def load_trained(path, device=None):
     model_dir = find_model_dir(path)
     meta = json.loads((model_dir / "sftlab.json").read_text())
     auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
-    if meta.get("adapter"):
+    if meta.get("adapter") == "bottleneck":
+        from ..strategies.adapter import load_adapter
+
+        model = load_adapter(_quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta)), model_dir)
+    elif meta.get("adapter"):  # peft (saved as `true` before bottleneck adapters existed)
         from peft import PeftModel
 
-        base = auto.from_pretrained(meta["base_path"], **_head_kwargs(meta))
+        base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
         model = PeftModel.from_pretrained(base, model_dir)
     else:
         model = auto.from_pretrained(model_dir)
@@ -47,6 +51,18 @@ def load_trained(path, device=None):
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device or default_device()).eval()
     return model, tokenizer, meta
+
+
+def _quiet(fn, *args, **kwargs):
+    """The base's head is "newly initialized" by design: the adapter folder holds the trained one."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _head_kwargs(meta: dict) -> dict:

@@ -19,8 +19,11 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, None]:
     # (block-diagonal) mask, and attention would leak across packed examples.
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
     keep = labels != -100
-    if isinstance(model, DistributedDataParallel):  # DDP syncs gradients only through its own forward
-        logits = model(**inputs).logits
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    if isinstance(model, DistributedDataParallel) or prompt_learning:
+        # DDP syncs gradients only through its own forward; peft's prompt/prefix tuning injects its virtual
+        # tokens in its own forward (prompt tuning's logits include them at the front: keep the last L).
+        logits = model(**inputs).logits[:, -labels.shape[1]:]
         return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), None
     hidden = model.get_decoder()(**inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[keep])

@@ -20,17 +20,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .. import strategies  # noqa: F401  (registers the strategies)
+from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
 from ..config import RunConfig, dump_config
 from ..data.batches import collate, micro_batches, step_batches
 from ..data.lm import collate_lm
 from ..data.prepare import format_report, prepare
-from ..errors import RunDirError
+from ..errors import ConfigError, RunDirError
 from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
-from ..registry import objectives, strategies as strategy_registry
+from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .optim import build_optimizer, build_schedule
 from .rundir import open_run_dir, save_best
@@ -58,6 +58,10 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     if main:
         log(format_report(data.report(cfg.task)))
     labels = data.labels.names if data.labels else None
+    train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
+    step_size = t.batch_size * t.grad_accum * acc.num_processes
+    steps_per_epoch = math.ceil(len(train_data) / step_size)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     model = load_model(
         cfg.model.name, cfg.task, labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -65,7 +69,11 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = strategy_registry.get(cfg.strategy.name)(model, cfg.strategy)
+    plan = apply_strategy(model, cfg.strategy, StrategyContext(cfg.task, steps_per_epoch))
+    if plan.optimize_frozen and acc.num_processes > 1:
+        raise ConfigError(f"strategy.name: {cfg.strategy.name} trains in one process (DDP fixes the trained "
+                          "parameters when it starts); run without torchrun/accelerate launch")
+    model = plan.model
     model.to(acc.device)
     objective = objectives.get(cfg.task)
     causal = cfg.task == "causal_lm"
@@ -75,15 +83,11 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     else:
         collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression")  # noqa: E731
 
-    train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
     lengths = train_data.lengths
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
     # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
     weights = train_data.weights if causal else [1] * len(train_data)
-    step_size = t.batch_size * t.grad_accum * acc.num_processes
-    steps_per_epoch = math.ceil(len(train_data) / step_size)
-    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     scheduler = build_schedule(optimizer, t, total_steps)
     model = acc.prepare_model(model)
     raw_model = acc.unwrap_model(model)
@@ -137,6 +141,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         batches = step_batches(lengths, step_size, t.seed, epoch, t.group_by_length)
         for step_batch in batches[state["step_in_epoch"]:]:
             tick = time.perf_counter()
+            if plan.on_step:
+                plan.on_step(step)
             micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, t.grad_accum)
             units = sum(weights[i] for i in step_batch)
             for k, idx in enumerate(micro):
@@ -167,7 +173,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
             if step % t.log_every == 0 or step == total_steps:
                 record = {"step": step, "epoch": round(state["epoch"] + state["step_in_epoch"] / len(batches), 4),
                           "loss": float(window_loss) / max(1, window_units / acc.num_processes),
-                          "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / window_seconds}
+                          "lr": max(scheduler.get_last_lr()), "examples_per_s": window_examples / window_seconds}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 write(record)

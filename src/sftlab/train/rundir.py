@@ -63,11 +63,19 @@ def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int
     """Write RUN_DIR/best atomically (tmp folder, then swap)."""
     final, tmp, old = run_dir / "best", run_dir / ".best.tmp", run_dir / ".best.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model, "sftlab_adapters"):  # bottleneck adapters: only what trained, plus the base's config
+        from ..strategies.adapter import save_adapter
+
+        tmp.mkdir()
+        model.config.save_pretrained(tmp)
+        save_adapter(model, tmp)
+        adapter = "bottleneck"
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        adapter = "peft" if (tmp / "adapter_config.json").is_file() else None
     tokenizer.save_pretrained(tmp)
     from ..models import resolve_model
 
-    adapter = (tmp / "adapter_config.json").is_file()
     meta = {
         "task": cfg.task, "labels": labels, "max_length": cfg.data.max_length, "adapter": adapter,
         "base_path": resolve_model(cfg.model.name) if adapter else None,

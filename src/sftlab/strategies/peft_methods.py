@@ -1,0 +1,52 @@
+"""LoRA, DoRA, prompt tuning and prefix tuning through HF `peft` (Hu et al. 2021; Liu et al. 2024; Lester et
+al. 2021; Li & Liang 2021). The task head always trains and is saved with the adapter (peft's
+`modules_to_save`), so a reloaded classifier is never random."""
+from __future__ import annotations
+
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+from ..registry import strategies
+from .basic import head_parameter_names
+
+
+def _task(model, ctx):
+    causal = ctx.task == "causal_lm"
+    heads = None if causal else sorted({n.split(".")[0] for n in head_parameter_names(model)})
+    return (TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS), heads
+
+
+def _lora(model, cfg, ctx, use_dora: bool):
+    task_type, heads = _task(model, ctx)
+    target = cfg.target_modules
+    lcfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=use_dora,
+        target_modules=target if isinstance(target, str) else list(target),
+        task_type=task_type, modules_to_save=heads,
+    )
+    return get_peft_model(model, lcfg)
+
+
+@strategies.register("lora")
+def lora(model, cfg, ctx):
+    return _lora(model, cfg, ctx, use_dora=False)
+
+
+@strategies.register("dora")
+def dora(model, cfg, ctx):
+    return _lora(model, cfg, ctx, use_dora=True)
+
+
+@strategies.register("prompt_tuning")
+def prompt_tuning(model, cfg, ctx):
+    """`strategy.num_virtual_tokens` trained input embeddings prepended to every sequence."""
+    task_type, heads = _task(model, ctx)
+    return get_peft_model(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                                    modules_to_save=heads))
+
+
+@strategies.register("prefix_tuning")
+def prefix_tuning(model, cfg, ctx):
+    """`strategy.num_virtual_tokens` trained key/value vectors per layer, prepended to every attention."""
+    task_type, heads = _task(model, ctx)
+    return get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                                    modules_to_save=heads))
