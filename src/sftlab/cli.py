@@ -27,6 +27,26 @@ def cmd_train(args) -> None:
     print(run_dir)
 
 
+def cmd_compare(args) -> None:
+    from pathlib import Path
+
+    from .compare import compare, markdown
+    from .registry import strategies
+
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    if args.strategies == "all":
+        names = strategies.names()
+    if len(set(names)) != len(names):
+        raise SftlabError(f"--strategies {args.strategies}: a strategy is listed twice")
+    out = Path(args.out or f"runs/compare-{Path(args.config).stem if args.config != '-' else 'overrides'}")
+    rows = compare(_config_path(args.config), names, args.overrides, args.set or [], out, resume=args.resume)
+    print(markdown(rows))
+    print(f"table: {out / 'compare.md'} and {out / 'compare.json'}; runs under {out}/<strategy>/", file=sys.stderr)
+    failed = [r["strategy"] for r in rows if "error" in r]
+    if failed:
+        raise SftlabError(f"{', '.join(failed)} failed; see the log above and their run directories under {out}")
+
+
 def cmd_data_check(args) -> None:
     from .config import load_config
     from .data.prepare import format_report, prepare
@@ -153,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     t.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
     t.set_defaults(fn=cmd_train)
+
+    m = sub.add_parser("compare", help="train several strategies on the same data and seed; prints one table")
+    m.add_argument("config", help="YAML config, or - for overrides only")
+    m.add_argument("overrides", nargs="*", help="key.sub=value overrides for every strategy")
+    m.add_argument("--strategies", required=True, help="comma-separated strategy names (or all)")
+    m.add_argument("--set", action="append", metavar="STRATEGY:KEY=VALUE",
+                   help="an override for one strategy only, e.g. --set lora:train.lr=5e-4 (repeatable)")
+    m.add_argument("--out", help="folder for the runs and the table (default runs/compare-<config>)")
+    m.add_argument("--resume", action="store_true", help="reuse finished strategies in --out, resume the others")
+    m.set_defaults(fn=cmd_compare)
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_verb", required=True)
