@@ -230,7 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`compare cfg --strategies a,b train.lr=1e-3`): argparse
+    # ends a nargs="*" positional at the first option, so collect the rest here.
+    strays = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         args.fn(args)
     except SftlabError as e:
