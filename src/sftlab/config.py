@@ -186,6 +186,12 @@ class TrainConfig(_Section):
     """torch intra-op threads (null: torch's default, one per core)."""
     progress: bool = True
     """Show a progress bar (loss, examples/s, ETA) on stderr."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): params, metrics and summary go there too."""
+    mlflow_experiment: str = "sftlab"
+    """MLflow experiment name (used when mlflow_uri is set)."""
 
     @model_validator(mode="after")
     def _check(self):

@@ -87,7 +87,32 @@ def _data_config(run_path: Path, overrides: dict) -> DataConfig:
     return DataConfig(**(keep | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None) -> dict:
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory that owns a model folder (RUN_DIR or RUN_DIR/best), or None for a bare model folder."""
+    p = Path(path)
+    for cand in (p, p.parent):
+        if (cand / "config.yaml").is_file() and (cand / "best").is_dir():
+            return cand
+    return None
+
+
+def analysis_path(run: str | Path, data: str) -> Path | None:
+    run_dir = run_dir_of(run)
+    return run_dir / "analysis" / f"{Path(data).stem}.json" if run_dir else None
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic: a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None,
+                  analysis: bool = True) -> dict:
+    """Metrics of the run's best model on `data`; with `analysis`, the error analysis goes to
+    RUN_DIR/analysis/<data stem>.json (see eval/analysis.py)."""
     model, tokenizer, meta = load_trained(run)
     dcfg = _data_config(Path(run), columns or {})
     labels = LabelMap(meta["labels"]) if meta["labels"] else None
@@ -95,8 +120,20 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
     enc = encode(tokenizer, split.examples, meta["max_length"])
     logits, loss = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
                                   device=model.device, bf16=bf16)
-    scores = compute_metrics(meta["task"], logits, np.array(enc.labels)) | {"loss": loss}
-    return scores | {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
+    y = np.array(enc.labels)
+    scores = compute_metrics(meta["task"], logits, y) | {"loss": loss}
+    scores |= {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
+    target = analysis_path(run, data) if analysis else None
+    if target:
+        from .analysis import analyse
+
+        texts = [ex.text if ex.text_pair is None else f"{ex.text} ||| {ex.text_pair}" for ex in split.examples]
+        report = analyse(meta["task"], logits, y, texts, enc.lengths, meta["labels"])
+        write_json(target, report | {"data": str(data), "step": meta.get("step")})
+        import sys
+
+        print(f"error analysis: {target}", file=sys.stderr)
+    return scores
 
 
 def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None):

@@ -6,6 +6,7 @@ examples from the training set, so zero-shot, K-shot ICL and SFT are measured on
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from ..data.columns import to_prompt_completion
 from ..data.examples import resolve_path
 from ..data.read import read_table
 from ..errors import ConfigError
-from .gen_metrics import generation_metrics, label_accuracy
+from .evaluate import analysis_path, write_json
+from .gen_metrics import generation_metrics, label_accuracy, worst_examples
 from .generate import generate
 from .icl import build_icl_messages, select_shots
 
@@ -103,8 +105,16 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
     if not icl_shots:  # perplexity of the reference answers under the model (same prompts, no shots)
         scores |= reference_perplexity(model, tokenizer, convs, dcfg, template, batch_size, bf16)
     scores |= {"examples": len(convs), "icl_shots": icl_shots}
+    parsed = label_accuracy(preds, refs, labels)[1] if labels else [None] * len(preds)
+    target_file = analysis_path(target, data)
+    if target_file and not icl_shots:  # error analysis of the fine-tuned run, kept in its run directory
+        per = [{"prompt": p, "reference": r, "output": o, "parsed": lab}
+               for p, r, o, lab in zip(prompts, refs, preds, parsed)]
+        worst = [per[w["index"]] | {"rouge_l": w["rouge_l"]} for w in worst_examples(preds, refs, 20)]
+        write_json(target_file, {"task": "causal_lm", "data": str(data), "metrics": scores, "examples": len(per),
+                                 "outputs": per, "worst": worst})
+        print(f"error analysis: {target_file}", file=sys.stderr)
     if out:
-        parsed = label_accuracy(preds, refs, labels)[1] if labels else [None] * len(preds)
         with open(out, "x", encoding="utf-8") as f:
             for prompt, ref, pred, lab in zip(prompts, refs, preds, parsed):
                 f.write(json.dumps({"prompt": prompt, "reference": ref, "output": pred, "parsed": lab},

@@ -34,14 +34,18 @@ from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .optim import build_optimizer, build_schedule
 from .rundir import open_run_dir, save_best
+from .tracking import Tracker
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Fine-tune as configured; returns the run directory (best model in RUN_DIR/best)."""
+def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False, on_eval=None) -> Path:
+    """Fine-tune as configured; returns the run directory (best model in RUN_DIR/best).
+
+    `on_eval(step, scores) -> bool`, called after every dev evaluation (on every process); True stops the run
+    there (after its checkpoint), as early stopping does: how `sftlab tune` prunes trials."""
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -104,11 +108,13 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
             log(f"resumed from {ckpts[-1]} at step {step}/{total_steps}")
 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+    tracker = Tracker(run_dir, cfg, resume_step=step if ckpts else None, enabled=main)
 
     def write(record: dict) -> None:
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            tracker.log(record)
 
     def evaluate(split: str, encoded) -> dict:
         if causal:
@@ -199,6 +205,11 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
                 elif main:
                     save_best(run_dir, raw_model, tokenizer, cfg, labels, step, {})
                 checkpoint()
+                if on_eval is not None and dev_data is not None and on_eval(step, scores):
+                    if main:
+                        bar.write(f"stopped at step {step} by the caller (e.g. a pruned tuning trial)", sys.stderr)
+                    state["stopped_early"] = True
+                    stop = True
                 patience = t.early_stopping_patience
                 if patience is not None and state["bad_evals"] >= patience:
                     if main:
@@ -232,6 +243,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics_file.close()
+        tracker.close(summary)
         log(f"done: {step} steps in {summary['train_seconds']:.1f}s, {summary['train_examples_per_s']:.1f} examples/s")
         for split in ("dev", "test"):
             if summary.get(f"{split}_metrics"):
