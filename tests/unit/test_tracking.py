@@ -34,6 +34,8 @@ def test_tensorboard_off(tiny_overrides):
 
 def test_mlflow_run_has_params_metrics_summary_and_resume_continues_it(tiny_overrides, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path / "..")  # nothing may land in the working directory
+    before = set(tmp_path.parent.iterdir())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     over = tiny_overrides + [f"train.mlflow_uri={uri}", "train.mlflow_experiment=tiny", "train.eval_every=4"]
     import sftlab.train.loop as loop
@@ -70,6 +72,7 @@ def test_mlflow_run_has_params_metrics_summary_and_resume_continues_it(tiny_over
     logged = {m.step: m.value for m in history}  # a step replayed after the crash would repeat, not differ
     assert sorted(logged) == [step for step, _ in dev]
     assert [logged[step] for step, _ in dev] == pytest.approx([value for _, value in dev])
+    assert set(tmp_path.parent.iterdir()) == before
 
 
 def test_mlflow_missing_is_a_config_error(tiny_overrides, monkeypatch):

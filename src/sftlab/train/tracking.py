@@ -64,6 +64,7 @@ def _start_mlflow(run_dir: Path, cfg):
         ids.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": cfg.train.mlflow_uri}))
         params = {f"{sec}.{k}": v for sec in ("model", "data", "strategy", "train")
                   for k, v in cfg.model_dump(mode="json")[sec].items() if v is not None}
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()} | {"task": cfg.task})
-        mlflow.log_artifact(str(run_dir / "config.yaml"))
+        # Params only, no artifacts: with a sqlite store MLflow would put artifacts in ./mlruns of whatever
+        # directory the user ran from. The full config stays in RUN_DIR/config.yaml.
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()} | {"task": cfg.task, "run_dir": str(run_dir)})
     return mlflow
