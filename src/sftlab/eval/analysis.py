@@ -6,6 +6,8 @@ and confidence that a reliability diagram plots.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -39,9 +41,12 @@ def length_buckets(task: str, logits: np.ndarray, labels: np.ndarray, lengths: n
     edges = [e for e in LENGTH_EDGES if e < lengths.max(initial=0)] + [int(lengths.max(initial=0)) + 1]
     for lo, hi in zip(edges, edges[1:]):
         m = (lengths >= lo) & (lengths < hi)
-        if m.sum() >= 2:
+        if m.any():
+            with warnings.catch_warnings():  # a bucket may hold one class only; its MCC is then 0 by definition
+                warnings.simplefilter("ignore")
+                scores = compute_metrics(task, logits[m], labels[m])
             out.append({"tokens": f"{lo}-{hi - 1}", "count": int(m.sum()),
-                        **compute_metrics(task, logits[m], labels[m])})
+                        **scores})
     return out
 
 
