@@ -78,3 +78,23 @@ def test_baselines_majority_twin_and_reuse(tiny_run, capsys):
     stamp = (twin / "summary.json").stat().st_mtime_ns  # a second call reuses the twin
     assert main(["eval", str(run_dir), "--data", str(dev), "--baselines"]) == 0
     assert (twin / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_decoder_baselines_and_generation_analysis(tiny_llama_dir, tmp_path, capsys):
+    from tests.conftest import make_chats
+
+    tr = write_jsonl(tmp_path / "train.jsonl", make_chats(24))
+    dev = write_jsonl(tmp_path / "dev.jsonl", make_chats(6, seed=1))
+    run_dir = train(load_config(None, [
+        "task=causal_lm", f"model.name={tiny_llama_dir}", f"data.train={tr}", f"data.dev={dev}", "train.epochs=1",
+        "train.batch_size=8", "train.precision=fp32", "train.progress=false", f"output_dir={tmp_path / 'run'}"]))
+    argv = ["eval", str(run_dir), "--data", str(dev), "--labels", "positive,negative", "--max-new-tokens", "4"]
+    assert main(argv + ["--baselines", "--icl-shots", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(rows) == {"fine_tuned", "zero_shot", "icl_2_shot"}
+    assert all("label_accuracy" in r and r["examples"] == 6 for r in rows.values())
+    assert rows["icl_2_shot"]["icl_shots"] == 2
+    a = json.loads((run_dir / "analysis" / "dev.json").read_text())  # the fine-tuned model's outputs, worst first
+    assert a["task"] == "causal_lm" and len(a["outputs"]) == 6 and len(a["worst"]) == 6
+    assert {"prompt", "reference", "output", "rouge_l"} <= set(a["worst"][0])
+    assert [w["rouge_l"] for w in a["worst"]] == sorted(w["rouge_l"] for w in a["worst"])
