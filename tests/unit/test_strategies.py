@@ -24,8 +24,9 @@ from sftlab.strategies import Context, apply_strategy, layer_scale
 from sftlab.train.optim import build_optimizer
 from tests.conftest import make_chats, make_rows, write_jsonl
 
+# One torch thread: tiny models gain nothing from more, and two threads spin against each other on a busy box.
 FAST = ["train.max_steps=3", "train.batch_size=8", "train.lr=1e-2", "train.precision=fp32", "train.progress=false",
-        "strategy.r=4", "strategy.num_virtual_tokens=4", "strategy.reduction=4", "strategy.k=1"]
+        "train.num_threads=1", "strategy.r=4", "strategy.num_virtual_tokens=4", "strategy.reduction=4", "strategy.k=1"]
 R, N_VIRTUAL, REDUCTION, STEPS = 4, 4, 4, 3
 PEFT = ("lora", "dora", "prompt_tuning", "prefix_tuning")
 SMALL = PEFT + ("adapter",)
@@ -50,21 +51,22 @@ class Run:
         return sum(self.init[n].numel() for n in self.trainable)
 
 
-def run_spied(overrides: list[str], out: Path, snapshot_steps=False, **kw) -> Run:
+def run_spied(overrides: list[str], out: Path, **kw) -> Run:
     rec, real_apply, real_opt = Run(), loop.apply_strategy, loop.build_optimizer
 
     def spy_apply(model, cfg, ctx):
         plan = real_apply(model, cfg, ctx)
         rec.model = plan.model
-        rec.init = {n: p.detach().clone() for n, p in plan.model.named_parameters()}
+        rec.init = {n: p.detach().cpu().clone() for n, p in plan.model.named_parameters()}
         rec.trainable = {n for n, p in plan.model.named_parameters() if p.requires_grad}
-        if plan.on_step and snapshot_steps:
+        if plan.on_step:  # gradual unfreezing: record each step's trainable set and the weights before it
             inner = plan.on_step
 
             def on_step(step):
                 inner(step)
                 ps = list(plan.model.named_parameters())
-                rec.stages[step] = ({n for n, p in ps if p.requires_grad}, {n: p.detach().clone() for n, p in ps})
+                weights = {n: p.detach().cpu().clone() for n, p in ps}
+                rec.stages[step] = ({n for n, p in ps if p.requires_grad}, weights)
 
             plan.on_step = on_step
         return plan
@@ -78,6 +80,14 @@ def run_spied(overrides: list[str], out: Path, snapshot_steps=False, **kw) -> Ru
         mp.setattr(loop, "build_optimizer", spy_opt)
         rec.dir = loop.train(load_config(None, overrides + [f"output_dir={out}"]), **kw)
     return rec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """`train.num_threads` sets torch's global thread count; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +176,14 @@ def fixed_batch(kind: str, tokenizer) -> dict:
     return {k: enc[k] for k in ("input_ids", "attention_mask")}
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def logits(model, batch) -> torch.Tensor:
     model.eval()
-    return model(**batch).logits
+    return model(**{k: v.to(device_of(model)) for k, v in batch.items()}).logits.cpu()
 
 
 def ids(cases):
@@ -180,7 +194,7 @@ def ids(cases):
 @pytest.mark.parametrize("kind,strategy", CASES, ids=ids(CASES))
 def test_trains_exactly_what_the_strategy_names(runs, kind, strategy):
     run = runs(kind, strategy)
-    final = dict(run.model.named_parameters())
+    final = {n: p.detach().cpu() for n, p in run.model.named_parameters()}
     assert final.keys() == run.init.keys()
     changed = {n for n, p in final.items() if not torch.equal(p, run.init[n])}
     assert changed == run.trainable, (f"trainable but unchanged: {sorted(run.trainable - changed)[:4]}; "
@@ -199,7 +213,7 @@ RELOAD = CASES + [("enc", "gradual_unfreezing"), ("dec", "gradual_unfreezing")]
 @pytest.mark.parametrize("kind,strategy", RELOAD, ids=ids(RELOAD))
 def test_best_reloads_to_the_same_logits(runs, kind, strategy):
     run = runs(kind, strategy)
-    model, tokenizer, meta = load_trained(run.dir, device="cpu")
+    model, tokenizer, meta = load_trained(run.dir, device=device_of(run.model))
     assert meta["step"] == STEPS and meta["strategy"] == strategy.split(":")[0]
     batch = fixed_batch(kind, tokenizer)
     a, b = logits(run.model, batch), logits(model, batch)
@@ -218,8 +232,20 @@ def test_adapters_save_small(runs, kind, strategy):
     if kind == "enc":  # the trained classifier travels with the adapter
         assert any("classifier" in k for k in saved)
     # the tiny Llama is 29% lm_head, which `adapter` trains as the head
-    ratio = (best / "adapter_model.safetensors").stat().st_size / (full.dir / "best" / "model.safetensors").stat().st_size
+    size = (best / "adapter_model.safetensors").stat().st_size
+    ratio = size / (full.dir / "best" / "model.safetensors").stat().st_size
     assert ratio < (0.01 if kind == "enc" else 0.4)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapter"])
+def test_adapter_run_reloads_from_another_directory(tiny_model_dir, data, tmp_path, monkeypatch, strategy):
+    """`model.name` relative to the working directory: RUN_DIR/best must still find its base from elsewhere."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    over = [f"model.name={tiny_model_dir.name}"] + data["enc"][1:] + FAST + [f"strategy.name={strategy}"]
+    run_dir = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'run'}"]))
+    monkeypatch.chdir(tmp_path)
+    _, _, meta = load_trained(run_dir, device="cpu")
+    assert Path(meta["base_path"]).is_absolute()
 
 
 # --- 4. LoRA/DoRA merge into the base without changing the function ---------------------------------------------
@@ -241,7 +267,141 @@ GC = [(k, s) for k in ("enc", "dec") for s in ("lora", "top_k_layers", "adapter"
 @pytest.mark.parametrize("kind,strategy", GC, ids=ids(GC))
 def test_gradient_checkpointing_gives_the_same_weights(runs, kind, strategy):
     plain, ckpt = runs(kind, strategy), runs(kind, strategy, "train.gradient_checkpointing=true")
-    a, b = dict(plain.model.named_parameters()), dict(ckpt.model.named_parameters())
+    a, b = ({n: p.detach().cpu() for n, p in r.model.named_parameters()} for r in (plain, ckpt))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
     assert ckpt.trainable == plain.trainable
     assert all(not torch.equal(b[n], ckpt.init[n]) for n in ckpt.trainable)
     assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+
+
+# --- 6. gradual unfreezing: stages, untouched until joined, per-parameter AdamW steps, exact resume ------------
+def test_gradual_unfreezing_stages(runs):
+    """unfreeze_every=2 on 2 blocks: steps 0-1 head + pooler, 2-3 + top block, 4-5 + both, 6-7 + embeddings."""
+    run = runs("enc", "gradual_unfreezing", "strategy.unfreeze_every=2", "train.max_steps=8", "train.eval_every=3")
+    names = list(run.init)
+    parts = [r"classifier\.|bert\.pooler\.", r"bert\.encoder\.layer\.1\.", r"bert\.encoder\.layer\.0\.",
+             r"bert\.embeddings\."]  # in the order they join
+    joins = {n: 2 * next(i for i, rule in enumerate(parts) if re.match(rule, n)) for n in names}  # step it joins
+    assert sorted(run.stages) == list(range(8))
+    for step, (training, before) in run.stages.items():
+        assert training == {n for n in names if joins[n] <= step}, f"step {step}"
+        assert all(torch.equal(before[n], run.init[n]) for n in names if joins[n] >= step), f"step {step}"
+    final = dict(run.model.named_parameters())
+    assert all(not torch.equal(final[n].cpu(), run.init[n]) for n in names)
+    # AdamW counts each parameter's own steps: its bias correction starts when it joins, not at step 0
+    assert {n: int(run.optimizer.state[p]["step"]) for n, p in final.items()} == {n: 8 - j for n, j in joins.items()}
+
+
+RESUME = [("enc", "gradual_unfreezing"), ("dec", "adapter"), ("enc", "prompt_tuning")]
+
+
+@pytest.mark.parametrize("kind,strategy", RESUME, ids=ids(RESUME))
+def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch, kind, strategy):
+    over = data[kind] + FAST + [f"strategy.name={strategy}", "strategy.unfreeze_every=2", "train.max_steps=8",
+                                "train.eval_every=3"]
+    ref = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'ref'}"]))
+    real = loop.save_checkpoint
+
+    def crash_after(run_dir, step, *a, **k):
+        real(run_dir, step, *a, **k)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after)
+    cfg = load_config(None, over + [f"output_dir={tmp_path / 'part'}"])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    loop.train(cfg, resume=tmp_path / "part")
+
+    def last(d):
+        return load_file(str(sorted((d / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+
+    wa, wb = last(ref), last(tmp_path / "part")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- 7. layer-wise LR decay: lr x decay^(L + 1 - layer id), for any strategy -------------------------------------
+def depth(name: str) -> int:
+    """0 embeddings, i + 1 block i (adapters are keyed by module path with "__" for "."), 3 above the 2 blocks."""
+    m = re.search(r"layers?(?:\.|__)(\d+)(?:\.|__)", name)
+    return int(m.group(1)) + 1 if m else 0 if "embed" in name else 3
+
+
+def fresh(kind: str, path: Path):
+    task = "classification" if kind == "enc" else "causal_lm"
+    return load_model(str(path), task, ["negative", "positive"] if kind == "enc" else None), task
+
+
+@pytest.mark.parametrize("kind", ["enc", "dec"])
+@pytest.mark.parametrize("strategy", ["full", "lora", "adapter"])
+def test_layer_decay_scales_lr_by_depth(tiny_model_dir, tiny_llama_dir, kind, strategy):
+    model, task = fresh(kind, tiny_model_dir if kind == "enc" else tiny_llama_dir)
+    plan = apply_strategy(model, StrategyConfig(name=strategy, layer_decay=0.5, r=R), Context(task))
+    opt = build_optimizer(plan.model, TrainConfig(lr=1.0), layer_scale(plan, 0.5))
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = list(plan.model.named_parameters())
+    assert {id(p) for _, p in params if p.requires_grad} == set(lr)  # frozen parameters stay out
+    assert {n: lr[id(p)] for n, p in params if p.requires_grad} == \
+        {n: 0.5 ** (3 - depth(n)) for n, p in params if p.requires_grad}
+    if strategy == "full":  # embeddings lowest, each block higher, head the full lr
+        assert sorted(set(lr.values())) == [0.125, 0.25, 0.5, 1.0]
+
+
+def test_llrd_trains_with_decay_0_8(runs):
+    groups = runs("enc", "llrd").optimizer.param_groups
+    assert sorted({round(g["initial_lr"] / 1e-2, 9) for g in groups}) == [round(0.8 ** k, 9) for k in (3, 2, 1, 0)]
+
+
+# --- a fresh lora/dora/adapter model computes exactly what its base does ------------------------------------------
+@pytest.mark.parametrize("kind", ["enc", "dec"])
+@pytest.mark.parametrize("strategy", ["lora", "dora", "adapter"])
+def test_fresh_adapter_is_the_base_function(tiny_model_dir, tiny_llama_dir, kind, strategy):
+    from sftlab.models import load_tokenizer
+
+    path = tiny_model_dir if kind == "enc" else tiny_llama_dir
+    model, task = fresh(kind, path)
+    batch = fixed_batch(kind, load_tokenizer(str(path)))
+    before = logits(model, batch)
+    plan = apply_strategy(model, StrategyConfig(name=strategy, r=R), Context(task))
+    assert (logits(plan.model, batch) - before).abs().max().item() <= 1e-6
+
+
+# --- 8. configuration errors name the key and a fix ----------------------------------------------------------------
+def test_k_beyond_the_block_count(data, tmp_path):
+    over = data["enc"] + FAST + ["strategy.name=top_k_layers", "strategy.k=3", f"output_dir={tmp_path}"]
+    cfg = load_config(None, over)  # the block count is the model's: known when the strategy applies
+    with pytest.raises(ConfigError, match=r"^strategy\.k: 3 but the model has 2 blocks; choose 1\.\.2"):
+        loop.train(cfg)
+
+
+def test_unknown_strategy_suggests_the_closest(data):
+    with pytest.raises(ConfigError, match=r"^strategy\.name: unknown strategy 'lroa'\. Did you mean 'lora'\?"):
+        load_config(None, data["enc"] + ["strategy.name=lroa"])
+
+
+@pytest.mark.parametrize("strategy", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_refuses_packing(data, strategy):
+    with pytest.raises(ConfigError, match=f"^strategy.name {strategy} cannot train on packed rows; "
+                                          "set data.packing=false$"):
+        load_config(None, data["dec"] + [f"strategy.name={strategy}", "data.packing=true"])
+
+
+DECODER_ERRORS = {  # the fixture's Llama: no biases, an untied lm_head, a final norm but no pooler
+    "bitfit": ({}, r"^strategy\.name: bitfit: LlamaForCausalLM has no bias terms .*; use lora or top_k_layers$"),
+    "head_only-tied": ({"tie_word_embeddings": True},
+                       r"^strategy\.name: head_only: .*tied to the input embeddings\); use top_k_layers, ffn_only"),
+    "head_only-mlp": ({}, r"^strategy\.head: mlp needs a pooler .*LlamaForCausalLM lacks; use strategy\.head=linear$"),
+}
+
+
+@pytest.mark.parametrize("case", DECODER_ERRORS)
+def test_decoder_without_biases_pooler_or_head(tiny_llama_dir, case):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    changes, message = DECODER_ERRORS[case]
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(tiny_llama_dir, **changes))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == bool(changes)
+    strategy = StrategyConfig(name=case.split("-")[0], head="mlp" if case.endswith("mlp") else "linear")
+    with pytest.raises(ConfigError, match=message):
+        apply_strategy(model, strategy, Context("causal_lm"))

@@ -54,7 +54,8 @@ def head_only(model, cfg, ctx):
     names = set(a.head) | (set(a.top) if cfg.head == "mlp" else set())
     if not a.head:
         raise _no_head_error(model, "head_only")
-    if cfg.head == "mlp" and not a.top:
+    # a pooler is a dense layer (BERT's dense + tanh); a decoder's top is only its final norm
+    if cfg.head == "mlp" and not any(p.ndim > 1 for n, p in model.named_parameters() if n in a.top):
         raise ConfigError(f"strategy.head: mlp needs a pooler between backbone and head, which "
                           f"{type(model).__name__} lacks; use strategy.head=linear")
     return train_only(model, names)

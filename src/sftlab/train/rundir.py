@@ -76,9 +76,12 @@ def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int
     tokenizer.save_pretrained(tmp)
     from ..models import resolve_model
 
+    base_path = resolve_model(cfg.model.name) if adapter else None
+    if base_path and Path(base_path).exists():  # a local folder: absolute, so eval works from any directory
+        base_path = str(Path(base_path).resolve())
     meta = {
         "task": cfg.task, "labels": labels, "max_length": cfg.data.max_length, "adapter": adapter,
-        "base_path": resolve_model(cfg.model.name) if adapter else None,
+        "base_path": base_path,
         "template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
         "text_pair": cfg.data.text_pair is not None, "step": step, "dev_metrics": scores,
         "base_model": cfg.model.name, "strategy": cfg.strategy.name,
