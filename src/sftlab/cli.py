@@ -47,6 +47,15 @@ def cmd_compare(args) -> None:
         raise SftlabError(f"{', '.join(failed)} failed; see the log above and their run directories under {out}")
 
 
+def cmd_tune(args) -> None:
+    from .tune import table, tune
+
+    result = tune(_config_path(args.config), args.overrides, args.trials, space_file=args.space,
+                  storage=args.storage, study_name=args.study_name, out=args.out)
+    print(table(result))
+    print(result["best"]["config"])
+
+
 def cmd_data_check(args) -> None:
     from .config import load_config
     from .data.prepare import format_report, prepare
@@ -76,6 +85,16 @@ def _is_causal(target: str) -> bool:
 def cmd_eval(args) -> None:
     from .eval.evaluate import evaluate_file
 
+    if args.baselines:
+        from .eval.baselines import run_baselines
+
+        labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+        rows = run_baselines(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
+                             icl_shots=args.icl_shots or 4, labels_words=labels, limit=args.limit)
+        _print_baselines(rows)
+        print(json.dumps(rows))
+        return
+
     if _is_causal(args.run):
         from .eval.gen_eval import evaluate_generation
 
@@ -88,6 +107,15 @@ def cmd_eval(args) -> None:
     scores = evaluate_file(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
                            columns=_columns(args))
     print(json.dumps(scores))
+
+
+def _print_baselines(rows: dict) -> None:
+    keys = [k for k in ("accuracy", "macro_f1", "mcc", "pearson", "spearman", "mse", "label_accuracy",
+                        "exact_match", "bleu", "rouge_l") if any(k in r for r in rows.values())]
+    print("| model | " + " | ".join(keys) + " |", file=sys.stderr)
+    for name, r in rows.items():
+        cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else "" for k in keys]
+        print(f"| {r.get('name', name)} | " + " | ".join(cells) + " |", file=sys.stderr)
 
 
 def cmd_predict(args) -> None:
@@ -150,6 +178,13 @@ def cmd_chat(args) -> None:
         print(f"model> {reply}", flush=True)
 
 
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    path = build_report(args.runs, out=args.out, overwrite=args.overwrite, evaluate=not args.no_eval)
+    print(path)
+
+
 def _config_path(path: str) -> str | None:
     return None if path == "-" else path  # "-": no file, the overrides are the whole config
 
@@ -184,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--resume", action="store_true", help="reuse finished strategies in --out, resume the others")
     m.set_defaults(fn=cmd_compare)
 
+    u = sub.add_parser("tune", help="hyper-parameter search (Optuna); prints the best config's YAML path last")
+    u.add_argument("config", help="YAML config with a search: section (or give --space), or - for overrides only")
+    u.add_argument("overrides", nargs="*", help="key.sub=value overrides for every trial")
+    u.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study (resumes count)")
+    u.add_argument("--space", metavar="FILE", help="YAML holding the search section (replaces the config's)")
+    u.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    u.add_argument("--study-name", help="study name in the storage (default: the config's stem)")
+    u.add_argument("--out", help="folder for trial-N runs, best.yaml, results.json (default runs/tune-<config>)")
+    u.set_defaults(fn=cmd_tune)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_verb", required=True)
     c = dsub.add_parser("check", help="validate every row and report, without training")
@@ -201,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--batch-size", type=int, default=128)
         e.add_argument("--fp32", action="store_true", help="no bf16 autocast")
         if name == "eval":  # decoders: generation-based evaluation
+            e.add_argument("--baselines", action="store_true",
+                           help="also majority class, the from-scratch twin (trained if missing), and for decoders "
+                                "zero-shot and K-shot ICL; saved to RUN_DIR/baselines.json")
             e.add_argument("--config", help="decoders: config giving the data layout (default: the run's own)")
             e.add_argument("--icl-shots", type=int, default=0, help="decoders: K in-context examples from data.train")
             e.add_argument("--labels", help="decoders: comma-separated label words scored as accuracy")
@@ -225,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--top-p", type=float, default=0.9)
         g.add_argument("--seed", type=int, default=0)
         g.set_defaults(fn=fn)
+
+    r = sub.add_parser("report", help="one self-contained HTML report of one or more runs; prints its path last")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, shown side by side")
+    r.add_argument("--out", help="HTML file to write (must not exist unless --overwrite); default "
+                                 "RUN_DIR/report.html for one run, runs/report-<time>.html for several")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    r.add_argument("--no-eval", action="store_true",
+                   help="show only what is on disk: no error analysis of the dev set with the best model")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

@@ -94,7 +94,9 @@ def _restore_threads():
 def data(tiny_model_dir, tiny_llama_dir, tmp_path_factory) -> dict:
     """Base overrides per model kind: no dev set, so RUN_DIR/best is the model of the last step."""
     root = tmp_path_factory.mktemp("strategy-data")
-    return {"enc": [f"model.name={tiny_model_dir}", f"data.train={write_jsonl(root / 'cls.jsonl', make_rows(16))}"],
+    # max_length 96: prompt tuning's virtual tokens must fit the tiny BERT's 128 positions
+    return {"enc": [f"model.name={tiny_model_dir}", f"data.train={write_jsonl(root / 'cls.jsonl', make_rows(16))}",
+                    "data.max_length=96"],
             "dec": ["task=causal_lm", f"model.name={tiny_llama_dir}", "data.max_length=96",
                     f"data.train={write_jsonl(root / 'chat.jsonl', make_chats(16))}"]}
 
@@ -134,9 +136,15 @@ RULES = {  # strategy -> regex of the parameters that train (top and head always
 }
 
 
+def head_rule(kind: str, strategy: str) -> str:
+    # a decoder's lm_head is pretrained, not a task head: only head_only (and full) train it
+    return HEAD[kind] if kind == "enc" or strategy.startswith("head_only") else "(?!)"
+
+
 def expected_names(kind: str, strategy: str, names) -> set[str]:
     last = BLOCK[kind].replace(r"(\d+)", "1")  # strategy.k=1 of 2 blocks
-    rule = RULES[strategy].format(top=TOP[kind], head=HEAD[kind], block=BLOCK[kind], ffn=FFN[kind], last=last)
+    rule = RULES[strategy].format(top=TOP[kind], head=head_rule(kind, strategy), block=BLOCK[kind], ffn=FFN[kind],
+                                  last=last)
     return {n for n in names if re.match(rule, n)}
 
 
@@ -164,7 +172,7 @@ def expected_count(kind: str, strategy: str, run: Run) -> int:
     if strategy.startswith("adapter"):  # down (h -> h/reduction) + up, after attention (houlsby) and FFN
         b = h // REDUCTION
         per_block = 1 if strategy.endswith("pfeiffer") else 2
-        own = {n for n in run.init if re.match(f"{TOP[kind]}|{HEAD[kind]}", n)}
+        own = {n for n in run.init if re.match(f"{TOP[kind]}|{head_rule(kind, strategy)}", n)}
         return L * per_block * (h * b + b + b * h + h) + sum(run.init[n].numel() for n in own)
     return sum(run.init[n].numel() for n in expected_names(kind, strategy, run.init))
 
@@ -378,6 +386,14 @@ def test_k_beyond_the_block_count(data, tmp_path):
 def test_unknown_strategy_suggests_the_closest(data):
     with pytest.raises(ConfigError, match=r"^strategy\.name: unknown strategy 'lroa'\. Did you mean 'lora'\?"):
         load_config(None, data["enc"] + ["strategy.name=lroa"])
+
+
+def test_prompt_tuning_must_fit_the_positions(data, tmp_path):
+    cfg = load_config(None, data["enc"] + ["strategy.name=prompt_tuning", "data.max_length=120",
+                                           "strategy.num_virtual_tokens=16", f"output_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match=r"^strategy.num_virtual_tokens: 16 virtual tokens \+ data.max_length 120 "
+                                          r"exceed the model's 128 positions"):
+        loop.train(cfg)
 
 
 @pytest.mark.parametrize("strategy", ["prompt_tuning", "prefix_tuning"])

@@ -25,7 +25,8 @@ def majority(cfg, data: str, labels: list[str] | None) -> dict:
 
     lmap = LabelMap(labels) if labels else None
     train, _ = load_split(cfg.data, cfg.data.train, cfg.task, lmap, limit=cfg.data.limit_train)
-    test, _ = load_split(cfg.data, data, cfg.task, lmap)
+    # the evaluation file resolves as `sftlab eval` resolves it: as given (or under SFTLAB_DATA_DIR), not data.dir
+    test, _ = load_split(cfg.data.model_copy(update={"dir": None}), data, cfg.task, lmap)
     y_train = np.array([ex.label for ex in train.examples])
     y = np.array([ex.label for ex in test.examples])
     if cfg.task == "regression":

@@ -30,6 +30,7 @@ class Plan:
 class Context:
     task: str
     steps_per_epoch: int = 1
+    max_length: int | None = None
 
 
 def apply_strategy(model: torch.nn.Module, cfg, ctx: Context) -> Plan:

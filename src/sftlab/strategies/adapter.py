@@ -18,7 +18,7 @@ from torch import nn
 
 from ..registry import strategies
 from .anatomy import anatomy, sublayer_outputs
-from .basic import train_only
+from .basic import new_head, train_only
 
 CONFIG_FILE, WEIGHTS_FILE = "sftlab_adapter.json", "adapter_model.safetensors"
 
@@ -84,4 +84,4 @@ def adapter(model, cfg, ctx):
     a = anatomy(model)
     inject(model, cfg.adapter_type, cfg.reduction)
     names = {n for n, _ in model.named_parameters() if n.startswith("sftlab_adapters.")}
-    return train_only(model, names | set(a.head) | set(a.top))
+    return train_only(model, names | set(new_head(a, ctx)) | set(a.top))

@@ -19,6 +19,13 @@ def head_parameter_names(model: torch.nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if not (prefix and n.startswith(prefix + "."))}
 
 
+def new_head(a, ctx) -> list[str]:
+    """The head that must train: a classifier/regressor is new (random) and always trains. A decoder's `lm_head`
+    is pretrained, not a task head: strategies that adapt part of a decoder leave it frozen, as peft's methods
+    do (an untied lm_head is vocab x hidden: 525M parameters on Llama-3-8B). head_only/full train it."""
+    return [] if ctx.task == "causal_lm" else a.head
+
+
 def train_only(model: torch.nn.Module, names: set[str]) -> torch.nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
@@ -67,7 +74,7 @@ def ffn_only(model, cfg, ctx):
     a = anatomy(model)
     if not a.ffn:
         raise ConfigError(f"strategy.name: ffn_only: no feed-forward sublayers found in {a.stack}; use lora")
-    return train_only(model, set(a.ffn) | set(a.head) | set(a.top))
+    return train_only(model, set(a.ffn) | set(new_head(a, ctx)) | set(a.top))
 
 
 @strategies.register("top_k_layers")
@@ -77,7 +84,7 @@ def top_k_layers(model, cfg, ctx):
     if cfg.k > a.num_blocks:
         raise ConfigError(f"strategy.k: {cfg.k} but the model has {a.num_blocks} blocks; choose 1..{a.num_blocks}")
     names = {n for block in a.blocks[a.num_blocks - cfg.k:] for n in block}
-    return train_only(model, names | set(a.head) | set(a.top))
+    return train_only(model, names | set(new_head(a, ctx)) | set(a.top))
 
 
 @strategies.register("bitfit")
@@ -85,8 +92,8 @@ def bitfit(model, cfg, ctx):
     """Only bias terms plus the parameters outside the backbone (Ben Zaken et al. 2022: "bias terms and the
     task-specific classification layer"); BERT's pooler weight stays frozen, its bias trains."""
     a = anatomy(model)
-    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")} - set(a.head)
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")} - set(new_head(a, ctx))
     if not biases:
         raise ConfigError(f"strategy.name: bitfit: {type(model).__name__} has no bias terms (Llama-style models "
                           "have none); use lora or top_k_layers")
-    return train_only(model, biases | set(a.head))
+    return train_only(model, biases | set(new_head(a, ctx)))

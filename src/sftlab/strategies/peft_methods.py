@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
+from ..errors import ConfigError
 from ..registry import strategies
 from .basic import head_parameter_names
 
@@ -39,6 +40,10 @@ def dora(model, cfg, ctx):
 @strategies.register("prompt_tuning")
 def prompt_tuning(model, cfg, ctx):
     """`strategy.num_virtual_tokens` trained input embeddings prepended to every sequence."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and ctx.max_length and ctx.max_length + cfg.num_virtual_tokens > limit:
+        raise ConfigError(f"strategy.num_virtual_tokens: {cfg.num_virtual_tokens} virtual tokens + data.max_length "
+                          f"{ctx.max_length} exceed the model's {limit} positions; lower one of them")
     task_type, heads = _task(model, ctx)
     return get_peft_model(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
                                                     modules_to_save=heads))

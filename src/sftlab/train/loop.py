@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -50,6 +51,9 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     # cpu=True without CUDA: accelerate only sets up gloo DDP under torchrun when told it is on CPU.
+    # In-process reruns (tune trials, the baseline twin, tests) may change precision; accelerate keeps one global
+    # state and refuses a second value unless it is reset (the process group, if any, stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     set_seed(t.seed)
@@ -73,7 +77,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    plan = apply_strategy(model, cfg.strategy, StrategyContext(cfg.task, steps_per_epoch))
+    plan = apply_strategy(model, cfg.strategy, StrategyContext(cfg.task, steps_per_epoch, cfg.data.max_length))
     if plan.optimize_frozen and acc.num_processes > 1:
         raise ConfigError(f"strategy.name: {cfg.strategy.name} trains in one process (DDP fixes the trained "
                           "parameters when it starts); run without torchrun/accelerate launch")
