@@ -186,6 +186,9 @@ class TrainConfig(_Section):
     """torch intra-op threads (null: torch's default, one per core)."""
     progress: bool = True
     """Show a progress bar (loss, examples/s, ETA) on stderr."""
+    lazy_embeddings: bool = False
+    """Update only the word-embedding rows a step's batch touched (LazyAdam). Faster on CPU for encoders whose
+    vocabulary matrix is half the model; rows not seen keep their value and moments (docs/performance.md)."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)."""
     mlflow_uri: str | None = None
