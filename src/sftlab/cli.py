@@ -23,7 +23,7 @@ def cmd_train(args) -> None:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, graceful_stop=True)
     print(run_dir)
 
 

@@ -195,10 +195,19 @@ class TrainConfig(_Section):
     """MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): params, metrics and summary go there too."""
     mlflow_experiment: str = "sftlab"
     """MLflow experiment name (used when mlflow_uri is set)."""
+    log_example_ids: bool = False
+    """Append the training-example indices of every optimizer step to RUN_DIR/example_ids.jsonl (audits data
+    order; a resumed run first drops the lines past its checkpoint, so the file reads as one straight run)."""
+    max_bad_steps: int = 5
+    """Steps with a non-finite loss or gradient norm are skipped (weights, optimizer and schedule untouched) and
+    logged; this many in a row stop the run with an error."""
+    auto_batch_size: bool = False
+    """On out of memory, halve the micro-batch and double grad_accum (same examples per step) and retry the step;
+    the size found is kept in checkpoints for resume. One process only."""
 
     @model_validator(mode="after")
     def _check(self):
-        positive = ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints")
+        positive = ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "max_bad_steps")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -360,6 +369,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
         name = p.stem
+    raw.pop("search", None)  # `sftlab tune`'s search space: the rest of the file trains as it is
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = build_config(raw)
     if "{" in cfg.output_dir:

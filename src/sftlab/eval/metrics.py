@@ -6,7 +6,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 # Metrics where lower is better; all others are maximised.
-LOWER_IS_BETTER = {"loss", "mse"}
+LOWER_IS_BETTER = {"loss", "mse", "perplexity"}
 
 
 def compute_metrics(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
