@@ -29,3 +29,36 @@ def median_of(runs: list[dict], tool: str, keys: tuple[str, ...]) -> dict | None
     """Per-key medians over one tool's runs (None if it has none)."""
     mine = [r for r in runs if r["tool"] == tool]
     return {k: statistics.median(r[k] for r in mine) for k in keys} if mine else None
+
+
+def matmul_peak_gflops(dtype_name: str = "bfloat16", n: int = 2048, reps: int = 8) -> float:
+    """Best-of-`reps` GFLOP/s of one n x n x n matmul in this process (torch's own thread count): the machine's
+    practical peak, measured in the same run as the benchmark it normalises."""
+    import time
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def training_flops(n_params_nonembedding: int, n_layers: int, d_model: int, lengths: list[int]) -> float:
+    """Model FLOPs of one pass over sequences of these lengths, forward + backward (PaLM appendix B /
+    Chinchilla convention): 6 x non-embedding parameters per token, plus attention's score and value matmuls,
+    12 x layers x d_model x s per token of a length-s sequence. Useful work only: padding is not counted."""
+    tokens = sum(lengths)
+    attention = sum(12 * n_layers * d_model * s * s for s in lengths)
+    return 6 * n_params_nonembedding * tokens + attention
+
+
+def utilisation_line(flops: float, seconds: float, peak_gflops: float) -> str:
+    achieved = flops / seconds / 1e9
+    return f"{achieved:.1f} GFLOP/s = {100 * achieved / peak_gflops:.1f}% of the bf16 matmul peak ({peak_gflops:.0f})"

