@@ -17,3 +17,8 @@ class DataError(SftlabError):
 
 class RunDirError(SftlabError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class TrainingError(SftlabError):
+    """The run cannot go on (non-finite loss/gradients K steps in a row, out of memory at a micro-batch of one).
+    The last complete checkpoint stays resumable; the message says what to change."""

@@ -95,6 +95,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         shutil.rmtree(final)
     os.replace(tmp, final)
     (final / MARKER).touch()
+    _fsync_dir(final)  # the marker is durable before anything older is pruned
     _fsync_dir(root)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

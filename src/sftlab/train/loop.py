@@ -27,12 +27,14 @@ from ..config import RunConfig, dump_config
 from ..data.batches import collate, micro_batches, step_batches
 from ..data.lm import collate_lm
 from ..data.prepare import format_report, prepare
-from ..errors import ConfigError, RunDirError
+from ..errors import ConfigError, RunDirError, TrainingError
 from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
 from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
+    step_delay_for_tests, trim_log
 from .optim import build_optimizer, build_schedule
 from .rundir import open_run_dir, save_best
 from .tracking import Tracker
@@ -42,11 +44,19 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False, on_eval=None) -> Path:
+def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False, on_eval=None,
+          graceful_stop: bool = False) -> Path:
     """Fine-tune as configured; returns the run directory (best model in RUN_DIR/best).
 
     `on_eval(step, scores) -> bool`, called after every dev evaluation (on every process); True stops the run
-    there (after its checkpoint), as early stopping does: how `sftlab tune` prunes trials."""
+    there (after its checkpoint), as early stopping does: how `sftlab tune` prunes trials.
+    `graceful_stop`: SIGTERM/SIGINT save a checkpoint at the next step boundary and return the run directory
+    without a summary, to be resumed (the CLI turns it on; in-process callers keep Ctrl-C a KeyboardInterrupt)."""
+    with StopSignals(graceful_stop) as signals:
+        return _train(cfg, resume, overwrite, on_eval, signals)
+
+
+def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignals) -> Path:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -56,6 +66,9 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     main = acc.is_main_process
+    if t.auto_batch_size and acc.num_processes > 1:
+        raise ConfigError("train.auto_batch_size works in one process (an out-of-memory retry on one rank would "
+                          "desynchronise the others); set train.batch_size and train.grad_accum by hand")
     set_seed(t.seed)
 
     # --- run directory, data, model --------------------------------------------------------------------
@@ -101,17 +114,24 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     raw_model = acc.unwrap_model(model)
 
     # --- resume: model, optimizer, scheduler, RNG and data position ----------------------------------------
-    state = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
-             "examples": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None}
+    state = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "bad_steps": 0,
+             "skipped_steps": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None}
     step = 0
     ckpts = complete_checkpoints(run_dir) if resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler)
         step = state.pop("step")
+        state.setdefault("bad_steps", 0), state.setdefault("skipped_steps", 0)  # checkpoints older than the guard
         if main:
             log(f"resumed from {ckpts[-1]} at step {step}/{total_steps}")
+    # Micro-batches per step: train.grad_accum, or what auto_batch_size settled on before the checkpoint.
+    accum = state.get("grad_accum", t.grad_accum) if t.auto_batch_size else t.grad_accum
 
+    if main and resume:  # a killed run may have logged steps past its checkpoint: the replay logs them again
+        for name in ("metrics.jsonl", "example_ids.jsonl"):
+            trim_log(run_dir / name, step)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+    ids_file = open(run_dir / "example_ids.jsonl", "a") if main and t.log_example_ids else None
     tracker = Tracker(run_dir, cfg, resume_step=step if ckpts else None, enabled=main)
 
     def write(record: dict) -> None:
@@ -128,12 +148,65 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
                                       device=acc.device, bf16=t.precision == "bf16")
         return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
 
+    def refuse_nonfinite() -> None:
+        bad = nonfinite_params(raw_model)
+        if bad:
+            raise TrainingError(f"step {step}: the weights hold NaN/inf ({bad[0]}" + (f" and {len(bad) - 1} more"
+                                if len(bad) > 1 else "") + "), so nothing was saved; lower train.lr or use "
+                                f"train.precision=fp32, and resume from the last checkpoint in {run_dir}/checkpoints")
+
     def checkpoint() -> None:
         # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
         state["window"] = [float(window_loss), window_examples, window_units, window_seconds]
+        state["grad_accum"] = accum
         if main:
             save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
         acc.wait_for_everyone()
+
+    def micro_pass(micro: list[list[int]], units: int) -> torch.Tensor:
+        step_loss = torch.zeros((), device=acc.device)
+        for k, idx in enumerate(micro):
+            batch = {key: v.to(acc.device) for key, v in collate_fn(train_data, idx).items()}
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
+                loss_sum, _ = objective(model, batch)
+            # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
+            acc.backward(loss_sum * acc.num_processes / units)
+            step_loss += loss_sum.detach().float()
+        return step_loss
+
+    def forward_backward(step_batch: list[int], units: int) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches; its summed loss, on the device (no host sync).
+        Out of memory with train.auto_batch_size: halve the micro-batch, double accumulation, redo the step."""
+        nonlocal accum
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        while True:
+            micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, accum)
+            try:
+                return micro_pass(micro, units)
+            except Exception as e:  # noqa: BLE001  (only out-of-memory is handled; the rest re-raises)
+                if not is_oom(e):
+                    raise
+                oom = (str(e).splitlines() or [type(e).__name__])[0]
+            # Outside `except`: the traceback, and the activations its frames hold, are gone before freeing.
+            optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            size = max(len(m) for m in micro)
+            if not t.auto_batch_size:
+                raise TrainingError(f"step {step + 1}: out of memory with a micro-batch of {size} ({oom}); set "
+                                    "train.auto_batch_size=true, or lower train.batch_size and raise "
+                                    "train.grad_accum (same examples per step)")
+            if size <= 1:
+                raise TrainingError(f"step {step + 1}: out of memory even with a micro-batch of 1 ({oom}); lower "
+                                    "data.max_length, set train.gradient_checkpointing=true, or use a LoRA strategy "
+                                    "or a smaller model")
+            accum *= 2
+            torch.set_rng_state(rng[0])  # the retry draws the same dropout masks as a run set to this size
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+            if main:
+                log(f"out of memory at step {step + 1} with a micro-batch of {size}: retrying the step with "
+                    f"{-(-size // 2)} (train.grad_accum {accum}, same examples per step)")
 
     # --- the loop ----------------------------------------------------------------------------------------------
     metric = cfg.best_metric
@@ -145,34 +218,59 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     if "window" in state:
         window_loss = torch.tensor(state["window"][0], device=acc.device)
         window_examples, window_units, window_seconds = state["window"][1:]
-    stop = step >= total_steps
+    stop, stopped_by = step >= total_steps, None
+    delay = step_delay_for_tests()
     while not stop:
         epoch = state["epoch"]
         batches = step_batches(lengths, step_size, t.seed, epoch, t.group_by_length)
         for step_batch in batches[state["step_in_epoch"]:]:
+            if delay:
+                time.sleep(delay)
             tick = time.perf_counter()
             if plan.on_step:
                 plan.on_step(step)
-            micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, t.grad_accum)
             units = sum(weights[i] for i in step_batch)
-            for k, idx in enumerate(micro):
-                batch = {key: v.to(acc.device) for key, v in collate_fn(train_data, idx).items()}
-                sync = k == len(micro) - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                    loss_sum, _ = objective(model, batch)
-                # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
-                acc.backward(loss_sum * acc.num_processes / units)
-                window_loss += loss_sum.detach().float()
-            grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
+            step_loss = forward_backward(step_batch, units)
+            if t.max_grad_norm:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            else:
+                grad_norm = total_grad_norm(model.parameters())
+            # The one host sync per step: a non-finite loss or gradient skips the update (weights, optimizer and
+            # schedule untouched; the data position still advances); a signal on any process stops after it.
+            flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm.to(step_loss.device)),
+                                 torch.tensor(signals.received is not None, device=step_loss.device)]).float()
+            if acc.num_processes > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad_loss, bad_grad, signalled = flags.tolist()
+            skipped = "non-finite loss" if bad_loss else "non-finite grad" if bad_grad else None
+            if skipped is None:
+                optimizer.step()
+                scheduler.step()
+                window_loss += step_loss
+                window_units += units
+                state["bad_steps"] = 0
+            else:
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step_in_epoch"] += 1
             state["examples"] += len(step_batch)
             state["tokens"] += sum(lengths[i] for i in step_batch)
             window_examples += len(step_batch)
-            window_units += units
+            if ids_file:
+                ids_file.write(json.dumps({"step": step, "ids": step_batch}) + "\n")
+                ids_file.flush()
+            if skipped:
+                write({"step": step, "skipped": skipped})
+                if main:
+                    bar.write(f"warning: step {step}: {skipped}; skipped it (weights, optimizer and schedule "
+                              f"unchanged), {state['bad_steps']} in a row", file=sys.stderr)
+                if state["bad_steps"] >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"step {step}: {skipped} in {state['bad_steps']} steps in a row (train.max_bad_steps), "
+                        "none of them applied; lower train.lr, keep train.max_grad_norm set, try "
+                        f"train.precision=fp32 or check the data, then resume with --resume {run_dir}")
             state["train_seconds"] += time.perf_counter() - tick
             window_seconds += time.perf_counter() - tick
             bar.update(1)
@@ -180,11 +278,11 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
             if epoch_end:
                 state["epoch"], state["step_in_epoch"] = epoch + 1, 0
 
-            if step % t.log_every == 0 or step == total_steps:
+            if (step % t.log_every == 0 or step == total_steps) and window_units:
                 record = {"step": step, "epoch": round(state["epoch"] + state["step_in_epoch"] / len(batches), 4),
                           "loss": float(window_loss) / max(1, window_units / acc.num_processes),
                           "lr": max(scheduler.get_last_lr()), "examples_per_s": window_examples / window_seconds}
-                if grad_norm is not None:
+                if t.max_grad_norm:
                     record["grad_norm"] = float(grad_norm)
                 write(record)
                 state["last_loss"] = record["loss"]
@@ -194,6 +292,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
             stop = step >= total_steps
             due = (step % t.eval_every == 0) if t.eval_every else epoch_end
             if due or stop:
+                refuse_nonfinite()
                 if dev_data is not None:
                     scores = evaluate("dev", dev_data)
                     write({"step": step, "split": "dev", **scores})
@@ -219,9 +318,24 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
                     if main:
                         bar.write(f"early stopping: no {metric} improvement in {patience} evaluations", sys.stderr)
                     stop = True
+            if signalled and not stop:  # SIGTERM/SIGINT: checkpoint at this step boundary, then return
+                if not due:  # (an evaluation step has just saved one)
+                    refuse_nonfinite()
+                    checkpoint()
+                stopped_by, stop = signals.received or "a signal to another process", True
             if stop:
                 break
     bar.close()
+    if ids_file:
+        ids_file.close()
+    if stopped_by:
+        if main:
+            metrics_file.close()
+            tracker.close()
+            log(f"stopped by {stopped_by} at step {step}/{total_steps}; checkpoint saved. Resume with: "
+                f"sftlab train {run_dir / 'config.yaml'} --resume {run_dir}")
+        acc.wait_for_everyone()
+        return run_dir
 
     # --- summary: best model on test, throughput, memory -----------------------------------------------------
     summary = {
@@ -235,6 +349,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "best_metric": metric, "best_step": state["best_step"], "dev_metrics": state.get("best_scores"),
         "processes": acc.num_processes, "device": str(acc.device), "data": data.report(cfg.task),
+        "grad_accum": accum, "micro_batch_size": -(-step_size // (acc.num_processes * accum)),
+        "skipped_steps": state["skipped_steps"],
     }
     if torch.cuda.is_available():
         summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
