@@ -62,12 +62,26 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
+def attention_for(choice: str, task: str, max_length: int) -> str | None:
+    """`model.attention` resolved: None leaves transformers' default. Eager attention materialises the
+    B x heads x L x L scores, so auto keeps it to short encoder inputs on CPU; decoders keep sdpa, whose mask
+    handling of packed (position_ids) rows is the one tested here."""
+    if choice != "auto":
+        return choice
+    if task != "causal_lm" and not torch.cuda.is_available() and max_length <= 256:
+        return "eager"
+    return None
+
+
 def load_model(
-    name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False
+    name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False,
+    attention: str | None = None,
 ) -> torch.nn.Module:
     """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM."""
     path = resolve_model(name)
     kwargs = dict(trust_remote_code=trust_remote_code)
+    if attention:
+        kwargs["attn_implementation"] = attention
     auto = AutoModelForSequenceClassification
     if task == "causal_lm":
         auto = AutoModelForCausalLM
@@ -85,8 +99,9 @@ def load_model(
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
         if from_scratch:
+            attn = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
             config = _hub_errors(name, AutoConfig.from_pretrained, path, **kwargs)
-            return auto.from_config(config, trust_remote_code=trust_remote_code)
+            return auto.from_config(config, trust_remote_code=trust_remote_code, **attn)
         return _hub_errors(name, auto.from_pretrained, path, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -31,6 +31,7 @@ from ..errors import ConfigError, RunDirError, TrainingError
 from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
+from ..models.load import attention_for
 from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
@@ -86,6 +87,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     model = load_model(
         cfg.model.name, cfg.task, labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
         trust_remote_code=cfg.model.trust_remote_code,
+        attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length),
     )
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
