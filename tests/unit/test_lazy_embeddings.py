@@ -124,3 +124,25 @@ def test_training_with_lazy_embeddings_resumes_bitwise(tiny_overrides, tmp_path,
 
     a, b = last(ref), last(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sparse_gradients_train_what_dense_lazy_gradients_train(tiny_overrides, tmp_path, monkeypatch):
+    """Row-sparse embedding gradients (one process) == the dense lazy path; clipping included (max norm 1e-2
+    forces it on every step), gradient accumulation too."""
+    from safetensors.torch import load_file
+
+    import sftlab.train.loop as loop
+    from sftlab.config import load_config
+
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")]
+    over += ["train.lazy_embeddings=true", "train.max_grad_norm=0.01", "train.grad_accum=2", "train.epochs=1"]
+    seen = []
+    real = loop.sparse_embedding_gradients
+    monkeypatch.setattr(loop, "sparse_embedding_gradients", lambda m: seen.append(real(m)) or seen[-1])
+    sparse = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'sparse'}"]))
+    monkeypatch.setattr(loop, "sparse_embedding_gradients", lambda m: False)
+    dense = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'dense'}"]))
+    assert seen == [True]
+    a, b = (load_file(str(d / "best" / "model.safetensors")) for d in (sparse, dense))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

@@ -36,7 +36,7 @@ from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_log
-from .optim import build_optimizer, build_schedule
+from .optim import build_optimizer, build_schedule, clip_grad_norm, sparse_embedding_gradients
 from .rundir import open_run_dir, save_best
 from .tracking import Tracker
 
@@ -111,6 +111,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
     weights = train_data.weights if causal else [1] * len(train_data)
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
+    # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
+    sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
     scheduler = build_schedule(optimizer, t, total_steps)
     model = acc.prepare_model(model)
     raw_model = acc.unwrap_model(model)
@@ -233,7 +235,9 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
                 plan.on_step(step)
             units = sum(weights[i] for i in step_batch)
             step_loss = forward_backward(step_batch, units)
-            if t.max_grad_norm:
+            if sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
+                grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm or float("inf"))
+            elif t.max_grad_norm:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             else:
                 grad_norm = total_grad_norm(model.parameters())

@@ -75,8 +75,14 @@ class LazyRowAdamW(torch.optim.AdamW):
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        rows = grad.any(dim=1).nonzero().squeeze(1)
-        g = grad.index_select(0, rows)
+        if grad.is_sparse:  # an nn.Embedding(sparse=True) gradient: (token rows, values), no dense matrix at all
+            grad = grad.coalesce()
+            rows, g = grad.indices()[0], grad.values()
+            keep = g.any(dim=1)  # e.g. the padding row: looked up, zero gradient - skipped as the dense path does
+            rows, g = rows[keep], g[keep]
+        else:
+            rows = grad.any(dim=1).nonzero().squeeze(1)
+            g = grad.index_select(0, rows)
         m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)
         v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
         state["exp_avg"].index_copy_(0, rows, m)
@@ -84,6 +90,38 @@ class LazyRowAdamW(torch.optim.AdamW):
         w = p.index_select(0, rows).mul_(1 - lr * wd)
         denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         p.index_copy_(0, rows, w.addcdiv_(m, denom, value=-lr / (1 - beta1**step)))
+
+
+def sparse_embedding_gradients(model: torch.nn.Module) -> bool:
+    """Lets the lazily updated embedding produce a row-sparse gradient (nn.Embedding(sparse=True)): its backward
+    then never builds, zeroes and scatters into a dense vocab x hidden matrix, which on minilm-l6 costs more than
+    the optimizer step over it. Returns whether it did."""
+    weight = lazy_embedding(model)
+    emb = model.get_input_embeddings() if weight is not None else None
+    if emb is None or not isinstance(emb, torch.nn.Embedding) or not weight.requires_grad:
+        return False
+    emb.sparse = True
+    return True
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (same coefficient: max_norm / (norm + 1e-6), at most 1) that also takes
+    sparse gradients, which torch's version refuses."""
+    params = [p for p in parameters if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    dense = [p.grad for p in params if not p.grad.is_sparse]
+    norms = list(torch._foreach_norm(dense)) if dense else []
+    norms += [torch.linalg.vector_norm(p.grad.values()) for p in params if p.grad.is_sparse]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if dense:
+        torch._foreach_mul_(dense, coef)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad * coef
+    return total
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None, include_frozen=False):
