@@ -24,7 +24,8 @@ def cmd_train(args) -> None:
         print(dump_config(cfg), end="")
         return
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, graceful_stop=True)
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, one process prints the contract line
+        print(run_dir)
 
 
 def cmd_compare(args) -> None:
