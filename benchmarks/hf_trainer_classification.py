@@ -149,7 +149,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> dict:
         print(f"| {names[t]} | {m['examples_per_s']:.1f} | {m['train_seconds']:.1f} | "
               f"{m['peak_rss_mb']:.0f} | {m['dev_accuracy']:.4f} | {util} |")
     ratios = {}
-    if len(med) == 2:
+    if "sftlab" in med and "hf" in med:
         s, h = med["sftlab"], med["hf"]
         ratios = {"examples_per_s": s["examples_per_s"] / h["examples_per_s"],
                   "peak_rss_mb": s["peak_rss_mb"] / h["peak_rss_mb"],

@@ -83,11 +83,11 @@ def test_build_optimizer_uses_it_for_untied_input_embeddings_only(tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     bert = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    opt = build_optimizer(bert, TrainConfig(lazy_embeddings=True))
+    opt = build_optimizer(bert, TrainConfig())  # on by default
     lazy = [g for g in opt.param_groups if g.get("lazy_rows")]
     assert isinstance(opt, LazyRowAdamW) and len(lazy) == 1
     assert lazy[0]["params"] == [bert.bert.embeddings.word_embeddings.weight] and lazy[0]["weight_decay"] > 0
-    assert type(build_optimizer(bert, TrainConfig())) is torch.optim.AdamW  # off by default
+    assert type(build_optimizer(bert, TrainConfig(lazy_embeddings=False))) is torch.optim.AdamW
     llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     llama.lm_head.weight = llama.model.embed_tokens.weight  # tied: dense gradient, nothing to skip
     assert lazy_embedding(llama) is None
