@@ -358,21 +358,27 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+def read_yaml(path: str | Path, what: str) -> dict:
+    """A YAML mapping from a file, or a one-line ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (or nothing), apply overrides, validate. Relative data paths resolve against data.dir."""
     raw: dict[str, Any] = {}
     name = "run"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
-        name = p.stem
+        raw = read_yaml(path, "config")
+        name = Path(path).stem
     raw.pop("search", None)  # `sftlab tune`'s search space: the rest of the file trains as it is
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = build_config(raw)

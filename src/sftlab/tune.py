@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, build_config, dump_config, parse_overrides
+from .config import RunConfig, build_config, dump_config, parse_overrides, read_yaml
 from .errors import ConfigError, SftlabError
 from .eval.metrics import LOWER_IS_BETTER
 
@@ -28,19 +28,6 @@ RANGE_FIELDS, MAX_FAILS_IN_ROW, POLL_S = {"low", "high", "log", "step"}, 3, 5.0
 
 class _TrialFailed(Exception):
     """A trial's own failure (user error, divergence, out of memory): recorded as FAIL, the study goes on."""
-
-
-def _read_yaml(path: str, what: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: {what} file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
-    return raw
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -175,10 +162,10 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
 
     if n_trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {n_trials}")
-    raw = _read_yaml(config, "config") if config else {}
+    raw = read_yaml(config, "config") if config else {}
     search = raw.pop("search", None)
     if space_file:
-        search = _read_yaml(space_file, "--space")
+        search = read_yaml(space_file, "--space")
         search = search["search"] if set(search) == {"search"} else search
     if search is None:
         raise ConfigError(f"{config or 'overrides'}: no search space; add a top-level search: section or pass --space")
