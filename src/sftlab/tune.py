@@ -17,7 +17,6 @@ import time
 import warnings
 from pathlib import Path
 
-import yaml
 
 from .config import RunConfig, build_config, dump_config, parse_overrides, read_yaml
 from .errors import ConfigError, SftlabError
