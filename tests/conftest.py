@@ -114,3 +114,21 @@ def make_chats(n: int, seed: int = 0) -> list[dict]:
     rows = make_rows(n, seed)
     return [{"messages": [{"role": "user", "content": f"Is this positive or negative? {r['text']}"},
                           {"role": "assistant", "content": r["label"]}]} for r in rows]
+
+
+def crash_after_checkpoint(monkeypatch, *, step: int | None = None, calls: int | None = None):
+    """The loop raises KeyboardInterrupt right after saving a checkpoint: the one at `step`, or the `calls`-th.
+    Returns the real save function (monkeypatch it back before resuming)."""
+    import sftlab.train.loop as loop
+
+    real, seen = loop.save_checkpoint, {"n": 0}
+
+    def crash(run_dir, at, *a, **k):
+        out = real(run_dir, at, *a, **k)
+        seen["n"] += 1
+        if at == step or seen["n"] == calls:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash)
+    return real

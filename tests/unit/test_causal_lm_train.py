@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.train.loop import train
-from tests.conftest import make_chats, write_jsonl
+from tests.conftest import crash_after_checkpoint, make_chats, write_jsonl
 
 
 @pytest.fixture
@@ -57,14 +57,7 @@ def test_lora_resume_equals_uninterrupted(chat_overrides, tmp_path, monkeypatch)
 
     over = chat_overrides + ["strategy.name=lora", "train.eval_every=3", "train.epochs=2"]
     ref = run(over, tmp_path / "ref")
-    real = loop.save_checkpoint
-
-    def crash_after(run_dir, step, *a, **k):
-        real(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after)
+    real = crash_after_checkpoint(monkeypatch, step=3)
     with pytest.raises(KeyboardInterrupt):
         run(over, tmp_path / "part")
     monkeypatch.setattr(loop, "save_checkpoint", real)

@@ -104,16 +104,9 @@ def test_training_with_lazy_embeddings_resumes_bitwise(tiny_overrides, tmp_path,
                              "strategy.unfreeze_every=2"]
     over = [o for o in over if not o.startswith("output_dir=")]
     ref = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'ref'}"]))
-    real, calls = loop.save_checkpoint, {"n": 0}
+    from tests.conftest import crash_after_checkpoint
 
-    def crash(*a, **k):
-        out = real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash)
+    real = crash_after_checkpoint(monkeypatch, calls=2)
     with pytest.raises(KeyboardInterrupt):
         loop.train(load_config(None, over + [f"output_dir={tmp_path / 'cut'}"]))
     monkeypatch.setattr(loop, "save_checkpoint", real)

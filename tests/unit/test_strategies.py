@@ -22,7 +22,7 @@ from sftlab.eval.evaluate import load_trained
 from sftlab.models import load_model
 from sftlab.strategies import Context, apply_strategy, layer_scale
 from sftlab.train.optim import build_optimizer
-from tests.conftest import make_chats, make_rows, write_jsonl
+from tests.conftest import crash_after_checkpoint, make_chats, make_rows, write_jsonl
 
 # One torch thread: tiny models gain nothing from more, and two threads spin against each other on a busy box.
 FAST = ["train.max_steps=3", "train.batch_size=8", "train.lr=1e-2", "train.precision=fp32", "train.progress=false",
@@ -308,14 +308,7 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch, kind, strategy
     over = data[kind] + FAST + [f"strategy.name={strategy}", "strategy.unfreeze_every=2", "train.max_steps=8",
                                 "train.eval_every=3"]
     ref = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'ref'}"]))
-    real = loop.save_checkpoint
-
-    def crash_after(run_dir, step, *a, **k):
-        real(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after)
+    real = crash_after_checkpoint(monkeypatch, step=3)
     cfg = load_config(None, over + [f"output_dir={tmp_path / 'part'}"])
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg)

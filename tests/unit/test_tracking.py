@@ -40,17 +40,9 @@ def test_mlflow_run_has_params_metrics_summary_and_resume_continues_it(tiny_over
     over = tiny_overrides + [f"train.mlflow_uri={uri}", "train.mlflow_experiment=tiny", "train.eval_every=4"]
     import sftlab.train.loop as loop
 
-    real = loop.save_checkpoint
-    calls = {"n": 0}
+    from tests.conftest import crash_after_checkpoint
 
-    def crash_after_first(*a, **k):  # stop the run right after its first checkpoint
-        out = real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
+    real = crash_after_checkpoint(monkeypatch, calls=1)  # stop the run right after its first checkpoint
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, over))
     run_dir = tmp_path / "run"
