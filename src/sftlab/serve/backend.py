@@ -1,0 +1,337 @@
+"""The model behind the server: loading (export folder or run directory) and inference.
+
+`Classifier.predict(items)` turns (text, text_pair) items into predictions; `Generator.generate(ids, ...)` continues
+a tokenized prompt. Both run on the server's one inference thread (batcher.py), never on the event loop, so they
+may block; `Generator.encode` and `Generator.render` are cheap enough to call from the loop.
+
+What a folder can be:
+  - `sftlab export` output (sftlab_export.json): hf / merged -> transformers here; onnx / int8 / peft ->
+    `sftlab.export.runtime.load_exported` (imported only then);
+  - a run directory or its best/ folder (sftlab.json) -> `sftlab.eval.evaluate.load_trained` (full, peft and
+    bottleneck-adapter runs).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import StoppingCriteria
+
+from ..errors import SftlabError
+from .errors import ApiError
+
+EXPORT_META = "sftlab_export.json"
+TASKS = ("classification", "regression", "causal_lm")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_backend(path: str | Path, *, bf16: bool = False, batch_tokens: int = 16_384, threads: int | None = None):
+    """A Classifier or a Generator for `path`; anything else raises SftlabError (one line, for the CLI)."""
+    p = Path(path)
+    if threads:
+        torch.set_num_threads(threads)
+    if (p / EXPORT_META).is_file():
+        meta = _read_meta(p / EXPORT_META)
+        fmt = meta.get("format")
+        if fmt in ("hf", "merged"):
+            return _from_hf_folder(p, meta, bf16=bf16, batch_tokens=batch_tokens)
+        if fmt in ("onnx", "int8", "peft"):
+            return _from_runtime(p, meta, bf16=bf16, batch_tokens=batch_tokens)
+        raise SftlabError(f"{p / EXPORT_META}: unknown format {fmt!r}; expected hf, merged, peft, int8 or onnx")
+    if (p / "best" / "sftlab.json").is_file() or (p / "sftlab.json").is_file():
+        from ..eval.evaluate import find_model_dir, load_trained
+
+        meta = _read_meta(find_model_dir(p) / "sftlab.json")
+        model, tokenizer, _ = load_trained(p)
+        return _wrap(model, tokenizer, meta, name=_name(p), fmt="run", bf16=bf16, batch_tokens=batch_tokens)
+    if not p.exists():
+        raise SftlabError(f"{path}: no such directory; give an `sftlab export` folder or a run directory")
+    raise SftlabError(f"{path}: nothing to serve here (no {EXPORT_META}, no best/sftlab.json); give an "
+                      f"`sftlab export` folder or a finished run directory")
+
+
+def _read_meta(file: Path) -> dict:
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SftlabError(f"{file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("task") not in TASKS:
+        raise SftlabError(f"{file}: 'task' must be one of {', '.join(TASKS)}")
+    if meta["task"] == "classification" and not (isinstance(meta.get("labels"), list) and meta["labels"]):
+        raise SftlabError(f"{file}: a classification model needs its 'labels' (class names in id order)")
+    return meta
+
+
+def _name(p: Path) -> str:
+    p = p.resolve()
+    return p.parent.name if p.name == "best" else p.name
+
+
+def _from_hf_folder(p: Path, meta: dict, **kw):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..models import load as _quiet_loads  # noqa: F401  (no transformers progress bars)
+
+    auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(p)
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise SftlabError(f"{p}: cannot load the model ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return _wrap(model, tokenizer, meta, name=_name(p), fmt=meta["format"], **kw)
+
+
+def _from_runtime(p: Path, meta: dict, **kw):
+    try:
+        from ..export.runtime import load_exported
+    except ImportError as e:
+        raise SftlabError(f"{p}: format {meta['format']!r} needs sftlab.export.runtime ({e})") from None
+    exported = load_exported(p)
+    if hasattr(exported, "logits"):  # onnx / int8: a logits function over texts
+        return Classifier(exported.logits, getattr(exported, "meta", meta), name=_name(p), fmt=meta["format"])
+    model = getattr(exported, "model", None)
+    if model is None:
+        raise SftlabError(f"{p}: load_exported returned neither .logits nor .model; cannot serve it")
+    return _wrap(model, exported.tokenizer, meta, name=_name(p), fmt=meta["format"], **kw)
+
+
+def _wrap(model, tokenizer, meta, *, name, fmt, bf16=False, batch_tokens=16_384):
+    if meta["task"] == "causal_lm":
+        return Generator(model, tokenizer, meta, name=name, fmt=fmt)
+    return Classifier(TorchLogits(model, tokenizer, meta.get("max_length") or 512, bf16=bf16,
+                                  batch_tokens=batch_tokens), meta, name=name, fmt=fmt)
+
+
+# ------------------------------------------------------------------------------------------ classification
+
+
+class TorchLogits:
+    """texts (+ pairs) -> logits [N, C] float32 in input order. Tokenized exactly as training/eval did
+    (`truncation=True, max_length`), sorted by length and cut into forward passes of at most `batch_tokens`
+    padded tokens, so a batch of short texts is one pass and long texts do not pad the short ones."""
+
+    def __init__(self, model, tokenizer, max_length: int, *, bf16: bool = False, batch_tokens: int = 16_384):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, int(max_length)
+        self.batch_tokens = batch_tokens
+        self.device = next(model.parameters()).device
+        self.bf16 = bf16
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, verbose=False)
+        ids, types = enc["input_ids"], enc.get("token_type_ids")
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out: np.ndarray | None = None
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
+                    else contextlib.nullcontext())
+        at = 0
+        with torch.inference_mode(), autocast:
+            while at < len(order):
+                rows = max(1, self.batch_tokens // max(len(ids[order[at]]), 1))
+                chunk = order[at: at + rows]
+                at += len(chunk)
+                logits = self.model(**self._collate(chunk, ids, types)).logits.float().cpu().numpy()
+                if out is None:
+                    out = np.empty((len(ids), logits.shape[1]), dtype=np.float32)
+                out[chunk] = logits
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+    def _collate(self, chunk, ids, types) -> dict:
+        width = len(ids[chunk[0]])  # longest first
+        x = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        t = torch.zeros((len(chunk), width), dtype=torch.long) if types is not None else None
+        for r, i in enumerate(chunk):
+            n = len(ids[i])
+            x[r, :n] = torch.tensor(ids[i])
+            mask[r, :n] = 1
+            if t is not None:
+                t[r, :n] = torch.tensor(types[i])
+        batch = {"input_ids": x, "attention_mask": mask} | ({"token_type_ids": t} if t is not None else {})
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
+class Classifier:
+    """Classification or regression behind a logits function (torch model, or an exported runtime's `.logits`)."""
+
+    kind = "classify"
+
+    def __init__(self, logits_fn: Callable, meta: dict, *, name: str = "model", fmt: str = "hf"):
+        self.logits_fn, self.meta, self.name, self.format = logits_fn, meta, name, fmt
+        self.task = meta["task"]
+        self.labels = [str(x) for x in meta["labels"]] if self.task == "classification" else None
+
+    def classify(self, texts: list[str], pairs: list[str] | None = None) -> tuple[list, list[float]]:
+        """(labels, scores): the top class and its softmax probability; regression: (None..., values)."""
+        preds = self._predict(texts, pairs)
+        return [p["label"] for p in preds], [p["score"] for p in preds]
+
+    def predict(self, items: list[tuple[str, str | None]]) -> list[dict]:
+        """One dict per (text, text_pair or None) item, in order: {"label", "score", "scores"}. Items with and
+        without a pair may be mixed (they run as two groups)."""
+        out: list[dict | None] = [None] * len(items)
+        for has_pair in (False, True):
+            idx = [i for i, (_, b) in enumerate(items) if (b is not None) == has_pair]
+            if idx:
+                preds = self._predict([items[i][0] for i in idx], [items[i][1] for i in idx] if has_pair else None)
+                for i, p in zip(idx, preds):
+                    out[i] = p
+        return out  # type: ignore[return-value]
+
+    def _predict(self, texts, pairs) -> list[dict]:
+        logits = np.asarray(self.logits_fn(texts, pairs), dtype=np.float32)
+        if self.task == "regression":
+            return [{"label": None, "score": float(row[0])} for row in logits]
+        probs = torch.softmax(torch.from_numpy(logits), -1).numpy()  # as `sftlab predict` computes it
+        if probs.shape[1] != len(self.labels):
+            raise RuntimeError(f"model has {probs.shape[1]} outputs but {len(self.labels)} labels")
+        top = probs.argmax(-1)
+        return [{"label": self.labels[k], "score": float(p[k]), "scores": dict(zip(self.labels, map(float, p)))}
+                for k, p in zip(top, probs)]
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # stop (EOS or a stop string) | length | timeout | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float = 0.0  # on the inference thread
+
+
+class Generator:
+    """A causal LM: chat rendering (the run's template and system prompt), prompt encoding with a context check,
+    and one generation at a time with a per-step watch for stop strings, cancellation and the deadline."""
+
+    kind = "generate"
+
+    def __init__(self, model, tokenizer, meta: dict, *, name: str = "model", fmt: str = "hf"):
+        from ..data.chat import ChatRenderer
+        from ..eval.generate import _eos_ids
+
+        self.model, self.tokenizer, self.meta, self.name, self.format = model, tokenizer, meta, name, fmt
+        self.task, self.labels = "causal_lm", None
+        self.renderer = ChatRenderer(tokenizer, meta.get("template"))
+        self.system_prompt = meta.get("system_prompt")
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [None])[0]
+        self.pad_id = pad
+        self.cut_ids = set(self.eos_ids) | ({pad} if pad is not None else set())
+        cfg = getattr(model, "config", None)
+        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.device = next(model.parameters()).device
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text for a conversation (system prompt of the run added when the request has none)."""
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        try:
+            return self.renderer.render(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise ApiError(422, f"messages: {e}") from None
+
+    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Token ids of a rendered prompt; 400 when empty or when it plus max_new_tokens exceed the context."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, "the prompt is empty after tokenization; give some text")
+        if self.context and len(ids) + max_new_tokens > self.context:
+            raise ApiError(400, f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                                f"model's context of {self.context} tokens; shorten the prompt or ask for fewer tokens")
+        return list(ids)
+
+    def generate(self, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None, cancel: threading.Event | None = None,
+                 deadline: float = float("inf"), on_text: Callable[[str], None] | None = None) -> Generation:
+        """Continues `ids`. temperature 0 = greedy. `on_text` receives the new text piece by piece (never past a
+        stop string, never half a character). Stops early on `cancel` or at `deadline` (time.monotonic())."""
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        from ..eval.generate import _bare_generation_config
+
+        cancel = cancel or threading.Event()
+        if cancel.is_set() or time.monotonic() > deadline:  # dropped while queued: never started
+            return Generation("", "cancelled" if cancel.is_set() else "timeout", len(ids), 0)
+        t0 = time.perf_counter()
+        watch = _Watch(self, len(ids), [s for s in (stop or []) if s], cancel, deadline, on_text)
+        sample = temperature > 0
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
+                               pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+                               **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}))
+        rng = torch.random.fork_rng(devices=[], enabled=seed is not None)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with rng, _bare_generation_config(self.model), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=cfg,
+                                      stopping_criteria=StoppingCriteriaList([watch]))
+        new = out[0, len(ids):].tolist()
+        text, hit_stop, hit_eos = watch.decode(new)
+        watch.flush(text)
+        reason = watch.reason or ("stop" if hit_stop or hit_eos else "length" if len(new) >= max_new_tokens
+                                  else "stop")
+        return Generation(text, reason, len(ids), len(new), time.perf_counter() - t0)
+
+
+class _Watch(StoppingCriteria):
+    """A stopping criterion run after every new token: decodes the new tokens, stops at a stop string, on
+    cancellation (client gone, time limit) or past the deadline, and streams the text that is safe to show."""
+
+    def __init__(self, gen: Generator, prompt_len: int, stop: list[str], cancel: threading.Event, deadline: float,
+                 on_text):
+        self.gen, self.prompt_len, self.stop = gen, prompt_len, stop
+        self.cancel, self.deadline, self.on_text = cancel, deadline, on_text
+        self.sent = 0
+        self.reason: str | None = None
+
+    def decode(self, new: list[int]) -> tuple[str, bool, bool]:
+        """(text cut at the first EOS/pad and the first stop string, a stop string was hit, EOS was hit)"""
+        eos = False
+        for j, t in enumerate(new):
+            if t in self.gen.cut_ids:
+                new, eos = new[:j], True
+                break
+        text = self.gen.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        cut = min((p for p in (text.find(s) for s in self.stop) if p >= 0), default=-1)
+        return (text[:cut], True, eos) if cut >= 0 else (text, False, eos)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        text, hit_stop, _ = self.decode(input_ids[0, self.prompt_len:].tolist())
+        if self.on_text is not None and not hit_stop:
+            safe = text.rstrip("\ufffd")  # a multi-byte character still incomplete
+            for s in self.stop:  # hold back a tail that may be the start of a stop string
+                for k in range(min(len(s) - 1, len(safe)), 0, -1):
+                    if safe.endswith(s[:k]):
+                        safe = safe[:-k]
+                        break
+            self._send(safe)
+        if self.cancel.is_set():
+            self.reason = "cancelled"
+        elif time.monotonic() > self.deadline:
+            self.reason = "timeout"
+        done = hit_stop or self.reason is not None
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def flush(self, text: str) -> None:
+        if self.on_text is not None and self.reason is None:
+            self._send(text)
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.on_text(text[self.sent:])
+            self.sent = len(text)
