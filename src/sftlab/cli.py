@@ -121,18 +121,37 @@ def _print_baselines(rows: dict) -> None:
 
 def cmd_predict(args) -> None:
     from .eval.evaluate import predict_file
+    from .export.runtime import read_export_meta
 
+    if read_export_meta(args.run) is not None:  # an `sftlab export` folder of any format
+        from .export.predict import predict_rows
+
+        rows = predict_rows(args.run, args.data, batch_size=args.batch_size, columns=_columns(args))
+    else:
+        rows = predict_file(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
+                            columns=_columns(args))
     out = open(args.out, "x", encoding="utf-8") if args.out else sys.stdout
+    ok = False
     try:
         n = 0
-        for row in predict_file(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
-                                columns=_columns(args)):
+        for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
         print(f"{n} predictions" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+        ok = True
     finally:
         if args.out:
             out.close()
+            if not ok:  # no half-written --out left behind
+                os.unlink(args.out)
+
+
+def cmd_export(args) -> None:
+    from .export import export, format_report
+
+    report = export(args.run, args.format, args.out, data=args.data, overwrite=args.overwrite, threads=args.threads)
+    print(format_report(report), file=sys.stderr)
+    print(report["out"])
 
 
 def cmd_generate(args) -> None:
@@ -252,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_ in (("eval", cmd_eval, "metrics of a run's best model on a labelled file (JSON, last line)"),
                             ("predict", cmd_predict, "predictions with scores as JSONL")):
         e = sub.add_parser(name, help=help_)
-        e.add_argument("run", metavar="RUN_DIR", help="a run directory (or its best/ folder)")
+        e.add_argument("run", metavar="RUN_DIR", help="a run directory (or its best/ folder)"
+                       + ("; or an `sftlab export` folder" if name == "predict" else ""))
         e.add_argument("--data", required=True, help="file to read (columns as in training unless overridden)")
         e.add_argument("--text"), e.add_argument("--text-pair"), e.add_argument("--label")
         e.add_argument("--batch-size", type=int, default=128)
-        e.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+        e.add_argument("--fp32", action="store_true", help="no bf16 autocast (export folders always run as exported)")
         if name == "eval":  # decoders: generation-based evaluation
             e.add_argument("--baselines", action="store_true",
                            help="also majority class, the from-scratch twin (trained if missing), and for decoders "
@@ -285,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--top-p", type=float, default=0.9)
         g.add_argument("--seed", type=int, default=0)
         g.set_defaults(fn=fn)
+
+    x = sub.add_parser("export", help="a run's best model as a folder transformers/peft/onnxruntime load; prints "
+                                      "the folder last (docs/export.md)")
+    x.add_argument("run", metavar="RUN_DIR", help="a run directory (or its best/ folder)")
+    x.add_argument("--format", required=True, metavar="FORMAT",
+                   help="hf | merged | peft | int8 | onnx (int8 and onnx also report size, latency, dev metrics)")
+    x.add_argument("--out", help="folder to write (must be empty or new unless --overwrite); default "
+                                 "RUN_DIR/export/FORMAT")
+    x.add_argument("--data", metavar="FILE", help="labelled file for the int8/onnx metric figures and parity inputs "
+                                                   "(default: the run's dev set, when it resolves)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (swapped in when complete)")
+    x.add_argument("--threads", type=int, help="torch and onnxruntime threads for the latency figures (default: "
+                                               "torch's, i.e. the cores)")
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("report", help="one self-contained HTML report of one or more runs; prints its path last")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, shown side by side")

@@ -22,3 +22,8 @@ class RunDirError(SftlabError):
 class TrainingError(SftlabError):
     """The run cannot go on (non-finite loss/gradients K steps in a row, out of memory at a micro-batch of one).
     The last complete checkpoint stays resumable; the message says what to change."""
+
+
+class ExportError(SftlabError):
+    """An export cannot be made as asked (format refused for this run, parity check failed, --out not empty).
+    The message names what works instead."""

@@ -1,0 +1,55 @@
+"""`sftlab predict EXPORT_DIR --data FILE`: offline batch inference on any export folder, rows as `predict RUN_DIR`
+writes them (line, text[, text_pair], label, score, scores | prediction), with a progress bar on stderr."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import ExportError
+
+CHUNK = 512  # rows per logits call: the bar moves, memory stays flat
+
+
+def predict_rows(folder: str | Path, data: str, *, batch_size: int = 32, columns: dict | None = None,
+                 progress: bool = True):
+    """Yields one dict per input row, in input order. Columns: the training layout (from the export's meta)
+    unless overridden."""
+    from ..config import DataConfig
+    from ..data.examples import LabelMap, load_split
+    from .runtime import load_exported
+
+    exported = load_exported(folder)
+    meta = exported.meta
+    if meta["task"] == "causal_lm":
+        raise ExportError(f"{folder}: a decoder; predict scores classifiers and regressors; use "
+                          f"`sftlab generate {folder} --prompt ...` or `sftlab eval {folder} --data FILE`")
+    exported.batch_size = batch_size
+    layout = {k: v for k, v in (meta.get("columns") or {}).items() if v is not None}
+    dcfg = DataConfig(**(layout | {k: v for k, v in (columns or {}).items() if v is not None}))
+    labels = meta.get("labels")
+    split, _ = load_split(dcfg, data, meta["task"], LabelMap(labels) if labels else None, need_label=False)
+    examples = split.examples
+    with tqdm(total=len(examples), desc="predict", unit="row", disable=not progress, leave=False) as bar:
+        for start in range(0, len(examples), CHUNK):
+            chunk = examples[start : start + CHUNK]
+            pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
+            logits = exported.logits([e.text for e in chunk], pairs)
+            for ex, row in zip(chunk, logits):
+                yield _row(ex, row, meta["task"], labels)
+            bar.update(len(chunk))
+
+
+def _row(ex, logits: np.ndarray, task: str, labels: list[str] | None) -> dict:
+    out = {"line": ex.line, "text": ex.text}
+    if ex.text_pair is not None:
+        out["text_pair"] = ex.text_pair
+    if task == "regression":
+        out["prediction"] = float(logits[0])
+        return out
+    z = np.exp(logits - logits.max())
+    probs = z / z.sum()
+    k = int(probs.argmax())
+    return out | {"label": labels[k], "score": float(probs[k]),
+                  "scores": {n: float(p) for n, p in zip(labels, probs)}}
