@@ -38,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory) -> dict:
-    """Tiny BERT classifier runs (full, LoRA, bottleneck adapter), fp32, trained until they tell the classes apart."""
+    """Tiny BERT classifier runs (full, LoRA, DoRA, bottleneck adapter), fp32, trained until they tell the classes apart."""
     root = tmp_path_factory.mktemp("export-runs")
     data = {"train": write_jsonl(root / "train.jsonl", make_rows(48)), "dev": write_jsonl(root / "dev.jsonl",
                                                                                              make_rows(40, seed=1))}
@@ -48,8 +48,14 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict:
             "train.progress=false", "train.num_threads=1", "train.tensorboard=false", "strategy.r=4",
             "strategy.reduction=4"]
     out = {name: train(load_config(None, base + [f"strategy.name={name}", f"output_dir={root / name}"]))
-           for name in ("full", "lora", "adapter")}
+           for name in ("full", "lora", "dora", "adapter")}
     return out | {"dev": str(data["dev"]), "root": root}
+
+
+@pytest.fixture(scope="module")
+def full_onnx(runs) -> Path:
+    """One ONNX export of the full run, shared by the tests that only read it."""
+    return cli_export(runs["full"], "onnx", runs["root"] / "exports" / "full-onnx")
 
 
 def run_logits(run, texts=TEXTS) -> np.ndarray:
@@ -82,16 +88,17 @@ def test_hf_export_equals_run_and_pipeline_loads_it(runs, tmp_path, capsys):
         assert {d["label"]: d["score"] for d in row} == pytest.approx(dict(zip(["negative", "positive"], p)), abs=1e-5)
 
 
-def test_merged_lora_equals_unmerged(runs, tmp_path):
+@pytest.mark.parametrize("strategy", ["lora", "dora"])
+def test_merged_equals_unmerged(runs, tmp_path, strategy):
     from transformers import AutoModelForSequenceClassification
 
-    out = cli_export(runs["lora"], "merged", tmp_path / "merged")
+    out = cli_export(runs[strategy], "merged", tmp_path / "merged")
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = load_exported(out).tokenizer
     with torch.inference_mode():
         merged = model(**tok(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
-    np.testing.assert_allclose(merged.numpy(), run_logits(runs["lora"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(merged.numpy(), run_logits(runs[strategy]), atol=1e-5, rtol=0)
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
@@ -110,12 +117,16 @@ def test_peft_export_loads_with_peft_on_the_base(runs, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["full", "adapter"])
-def test_onnx_equals_run_in_plain_onnxruntime(runs, tmp_path, capsys, strategy):
+def test_onnx_equals_run_in_plain_onnxruntime(runs, full_onnx, tmp_path, capsys, strategy):
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    out = cli_export(runs[strategy], "onnx", tmp_path / "onnx")
-    assert capsys.readouterr().out.splitlines() == [str(out)]  # the exporter's chatter went to stderr
+    if strategy == "full":
+        out = full_onnx
+    else:
+        capsys.readouterr()
+        out = cli_export(runs[strategy], "onnx", tmp_path / "onnx")
+        assert capsys.readouterr().out.splitlines() == [str(out)]  # the exporter's chatter went to stderr
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     enc = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="np")
     got = session.run(None, {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()})[0]
@@ -137,8 +148,8 @@ def test_int8_is_smaller_and_agrees_with_fp32(runs, tmp_path):
     assert report["data"] == runs["dev"] and report["threads"] == 1
 
 
-def test_predict_on_export_equals_predict_on_run(runs, tmp_path, capsys):
-    out = cli_export(runs["full"], "onnx", tmp_path / "onnx")
+def test_predict_on_export_equals_predict_on_run(runs, full_onnx, tmp_path, capsys):
+    out = full_onnx
     a, b = tmp_path / "export.jsonl", tmp_path / "run.jsonl"
     assert main(["predict", str(out), "--data", runs["dev"], "--out", str(a)]) == 0
     assert main(["predict", str(runs["full"]), "--data", runs["dev"], "--out", str(b), "--fp32"]) == 0
@@ -150,6 +161,23 @@ def test_predict_on_export_equals_predict_on_run(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(out), "--data", runs["dev"], "--out", str(a)]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err and len(a.read_text().splitlines()) == 40
+
+
+def test_regression_hf_and_predict(tiny_model_dir, tmp_path):
+    rows = [{"text": r["text"], "score": float(i % 5)} for i, r in enumerate(make_rows(32))]
+    data = write_jsonl(tmp_path / "reg.jsonl", rows)
+    run = train(load_config(None, [
+        "task=regression", f"model.name={tiny_model_dir}", f"data.train={data}", f"data.dev={data}",
+        "data.label=score", "train.max_steps=4", "train.batch_size=8", "train.precision=fp32", "train.progress=false",
+        "train.num_threads=1", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}"]))
+    out = cli_export(run, "hf", tmp_path / "hf")
+    got = load_exported(out).logits(TEXTS)
+    assert got.shape == (len(TEXTS), 1)
+    np.testing.assert_allclose(got, run_logits(run), atol=1e-5, rtol=0)
+    assert main(["predict", str(out), "--data", str(data), "--out", str(tmp_path / "p.jsonl")]) == 0
+    first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"line", "text", "prediction"} and first["prediction"] == pytest.approx(
+        float(run_logits(run, [rows[0]["text"]])[0, 0]), abs=1e-5)
 
 
 def test_overwrite_swaps_in_a_complete_folder(runs, tmp_path):

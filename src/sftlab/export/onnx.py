@@ -2,7 +2,7 @@
 
 Exporter: torch 2.13's `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript). The legacy TorchScript
 exporter (`dynamo=False`) still exists but traces transformers 5's mask code into constants: on minilm-l6 it gave
-logits off by 2.5 for any input shape but the example's. The dynamo graph matches PyTorch to ~1e-6.
+logits off by up to 2.9 on inputs shaped unlike the example. The dynamo graph matches PyTorch to ~1e-6.
 Opset 20 (what this exporter emits natively; onnxruntime >= 1.17 runs it). LoRA/DoRA are merged first; our
 bottleneck adapters run on forward hooks, which torch.export traces, so they are in the graph.
 """
