@@ -14,8 +14,11 @@ shows medians over runs and the status counts summed over runs.
 Sides: `sftlab`: `python -m sftlab serve DIR --host 127.0.0.1 --port P [--token T] [--sftlab-args]`.
 `pipeline`: benchmarks/_pipeline_server.py: `transformers.pipeline("text-classification", model=HF_DIR)` in a
 FastAPI app under uvicorn, one request at a time (a plain `def` handler calling the pipeline under a lock).
-Both get the same torch thread count (--threads, default all cores) through OMP/MKL_NUM_THREADS and their own
---threads flag (torch.set_num_threads), unless --sftlab-args sets sftlab's. The load generator runs in this process on the same machine: its own
+Both get the same torch thread count (--threads) through OMP/MKL_NUM_THREADS and their own --threads flag
+(torch.set_num_threads), unless --sftlab-args sets sftlab's. Default: cores - 1 (at least 1), which leaves a core to
+the HTTP event loops and the load generator; on the 2-core dev machine it was the baseline's best setting too
+(pipeline 49.7 / 45.8 req/s at 1 thread vs 44.6 / 39.4 at 2, interleaved), and all cores made the model's OpenMP
+team fight the event loop for the CPU. The load generator runs in this process on the same machine: its own
 CPU time per request is printed so one can see how much of the machine it took.
 
 Request i carries texts i*k .. i*k+k-1 (mod the data size) of --data, so both sides classify the same texts and
@@ -360,6 +363,18 @@ def agreement(preds: dict[str, dict]) -> dict | None:
             "max_abs_score_diff": max(abs(a[i][1] - b[i][1]) for i in common if a[i][0] == b[i][0]) if same else None}
 
 
+def provenance() -> str:
+    """Commit of this checkout, and whether sftlab's serving code has uncommitted changes (figures depend on it)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = git("status", "--porcelain", "--", "src/sftlab/serve", "src/sftlab/cli.py")
+    return commit + (" + uncommitted changes in src/sftlab/serve or cli.py" if dirty else "")
+
+
 def exit_text(code: int | None) -> str:
     """uvicorn re-raises SIGTERM after its graceful shutdown, so a clean exit there reads as killed by SIGTERM."""
     if code is None:
@@ -376,7 +391,10 @@ def report(runs: list[dict], agree: dict | None, args: argparse.Namespace, n_tex
     print(f"\n{args.model.name if args.model.name != 'best' else args.model}: {args.requests} requests x "
           f"{args.texts_per_request} text(s) from {args.data.name} ({n_texts} texts), concurrency {args.concurrency}, "
           f"{args.threads} torch thread(s) per server, loopback, load generator in the same machine; medians of "
-          f"{args.runs} run(s), status counts summed over runs\n")
+          f"{args.runs} run(s), status counts summed over runs")
+    print(f"sftlab at {args.provenance}")
+    print(f"1-minute load average (other jobs on this {os.cpu_count()}-core machine included): "
+          f"{args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| server | req/s | texts/s | p50 ms | p90 ms | p99 ms | answered | 2xx | 4xx | 5xx | conn err | bad body | "
           "startup s | peak RSS MB | server CPU ms/req | client CPU ms/req |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -421,7 +439,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=32, help="requests sent first and not counted")
     p.add_argument("--sides", default="sftlab,pipeline")
     p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads of each server (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of each server, the same for both (default: cores - 1, at least 1)")
     p.add_argument("--token", default=None, help="bearer token, passed to both servers and sent with each request")
     p.add_argument("--sftlab-args", default="", help="extra arguments for `sftlab serve`")
     p.add_argument("--pipeline-handler", choices=("sync", "async"), default="sync",
@@ -442,7 +461,7 @@ def main() -> None:
         sys.exit(f"unknown side(s) {sorted(unknown)}; choose from {SIDES}")
     args.model = args.model.resolve()
     args.serve_dir = (args.serve_dir or args.model).resolve()
-    args.threads = args.threads or os.cpu_count() or 1
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
     if args.requests < 1 or args.concurrency < 1 or args.texts_per_request < 1:
         sys.exit("--requests, --concurrency and --texts-per-request must be >= 1")
     if not args.data.is_file():
@@ -455,6 +474,8 @@ def main() -> None:
         print("[serve_load] warning: no label set found (config.json id2label / sftlab.json): labels not checked",
               file=sys.stderr)
 
+    args.load_before = os.getloadavg()[0]
+    args.provenance = provenance()
     runs, preds = [], {}
     with tempfile.TemporaryDirectory(prefix="sftlab-serve-load-") as tmp:
         for i in range(args.runs):  # interleaved, so drift in machine speed hits both sides alike
