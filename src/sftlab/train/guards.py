@@ -5,6 +5,7 @@ beyond what it says (docs/reliability.md).
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -58,6 +59,24 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`). CPU tensors of many shapes (a new sequence length
+    every batch) fragment glibc's heap: RSS between steps was ~850 MB for ~700 MB live. Called at phase boundaries
+    (before training, around evaluations), where it costs a few ms; per step it cost ~30% of step time for ~5% RSS."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def nonfinite_params(model) -> list[str]:

@@ -35,7 +35,7 @@ from ..models.load import attention_for
 from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
-    step_delay_for_tests, trim_log
+    step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, sparse_embedding_gradients
 from .rundir import open_run_dir, save_best
 from .tracking import Tracker
@@ -89,6 +89,11 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length),
     )
+    if t.first_token_last_layer and cfg.task in ("classification", "regression"):
+        from ..models.first_token import enable_first_token_last_layer
+
+        if enable_first_token_last_layer(model) and main:
+            log("last block computed for the first token only (the head reads nothing else; exact)")
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -145,6 +150,13 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             tracker.log(record)
 
     def evaluate(split: str, encoded) -> dict:
+        trim_heap()  # evaluation batches have new shapes: start it on a compact heap, and leave one behind
+        try:
+            return _evaluate(encoded)
+        finally:
+            trim_heap()
+
+    def _evaluate(encoded) -> dict:
         if causal:
             return lm_scores(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
                              bf16=t.precision == "bf16")
@@ -223,6 +235,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         window_loss = torch.tensor(state["window"][0], device=acc.device)
         window_examples, window_units, window_seconds = state["window"][1:]
     stop, stopped_by = step >= total_steps, None
+    trim_heap()  # tokenization and loading garbage
     delay = step_delay_for_tests()
     while not stop:
         epoch = state["epoch"]

@@ -1,0 +1,69 @@
+"""The last block computed for the first token only == the full block: logits, gradients, and whole runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _pair(tiny_model_dir, task="classification", attention="sdpa"):
+    from sftlab.models import load_model
+
+    labels = None if task == "regression" else ["neg", "pos", "mid"]
+    a = load_model(str(tiny_model_dir), task, labels, attention=attention, seed=0)
+    b = load_model(str(tiny_model_dir), task, labels, attention=attention, seed=0)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_patched_logits_and_gradients_equal_full_block(tiny_model_dir, attention, task):
+    from sftlab.models.first_token import enable_first_token_last_layer
+
+    full, fast = _pair(tiny_model_dir, task, attention)
+    assert enable_first_token_last_layer(fast)
+    ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[3, 2:] = 0
+    for m in (full, fast):
+        m.train()  # the tiny model has no dropout: train mode is deterministic
+        m(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
+    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits,
+                               full(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(full.named_parameters(), fast.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_models_the_probe_rejects_stay_unpatched(tiny_model_dir, monkeypatch):
+    """A head that reads more than the first token (here: mean of the last hidden states) fails the probe."""
+    import sftlab.models.first_token as ft
+
+    _, model = _pair(tiny_model_dir)
+    real_forward = type(model).forward
+
+    def mean_pooling_head(self, input_ids=None, attention_mask=None, **kw):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return type("O", (), {"logits": self.classifier(out.last_hidden_state.mean(1))})()
+
+    monkeypatch.setattr(type(model), "forward", mean_pooling_head)
+    assert not ft.enable_first_token_last_layer(model)
+    assert "forward" not in vars(model.bert.encoder.layer[-1])  # the class's own forward again
+    monkeypatch.setattr(type(model), "forward", real_forward)
+
+
+def test_training_with_and_without_it_ends_at_the_same_weights(tiny_overrides, tmp_path):
+    from safetensors.torch import load_file
+
+    import sftlab.train.loop as loop
+    from sftlab.config import load_config
+
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")] + ["train.epochs=1"]
+    runs = [loop.train(load_config(None, over + [f"train.first_token_last_layer={on}",
+                                                  f"output_dir={tmp_path / str(on)}"])) for on in (True, False)]
+    a, b = (load_file(str(d / "best" / "model.safetensors")) for d in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
