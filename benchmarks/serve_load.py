@@ -386,7 +386,12 @@ def report(runs: list[dict], agree: dict | None, args: argparse.Namespace, n_tex
     sides = [s for s in args.sides if any(r["tool"] == s for r in runs)]
     med = {s: {k: statistics.median(r[k] for r in runs if r["tool"] == s) for k in KEYS} for s in sides}
     tot = {s: {k: sum(r[k] for r in runs if r["tool"] == s) for k in COUNTS} for s in sides}
-    names = dict(NAMES, sftlab="sftlab serve" + (f" ({args.sftlab_args})" if args.sftlab_args else ""),
+    served = ""
+    if args.serve_dir != args.model:
+        meta = args.serve_dir / "sftlab_export.json"
+        fmt = json.loads(meta.read_text()).get("format") if meta.is_file() else None
+        served = f" {args.serve_dir.name}" + (f" ({fmt} export)" if fmt else "")
+    names = dict(NAMES, sftlab="sftlab serve" + served + (f" ({args.sftlab_args})" if args.sftlab_args else ""),
                  pipeline=NAMES["pipeline"] + (" (async handler)" if args.pipeline_handler == "async" else ""))
     print(f"\n{args.model.name if args.model.name != 'best' else args.model}: {args.requests} requests x "
           f"{args.texts_per_request} text(s) from {args.data.name} ({n_texts} texts), concurrency {args.concurrency}, "
