@@ -15,11 +15,11 @@ Sides: `sftlab`: `python -m sftlab serve DIR --host 127.0.0.1 --port P [--token 
 `pipeline`: benchmarks/_pipeline_server.py: `transformers.pipeline("text-classification", model=HF_DIR)` in a
 FastAPI app under uvicorn, one request at a time (a plain `def` handler calling the pipeline under a lock).
 Both get the same torch thread count (--threads) through OMP/MKL_NUM_THREADS and their own --threads flag
-(torch.set_num_threads), unless --sftlab-args sets sftlab's. Default: cores - 1 (at least 1), which leaves a core to
-the HTTP event loops and the load generator; on the 2-core dev machine it was the baseline's best setting too
-(pipeline 49.7 / 45.8 req/s at 1 thread vs 44.6 / 39.4 at 2, interleaved), and all cores made the model's OpenMP
-team fight the event loop for the CPU. The load generator runs in this process on the same machine: its own
-CPU time per request is printed so one can see how much of the machine it took.
+(torch.set_num_threads), unless --sftlab-args sets sftlab's. Default: all cores, torch's own default and what a
+plain pipeline server gets. The best count differs by side: on the 2-core dev machine the baseline was faster at 1
+thread (~50 req/s vs ~39 at 2) and sftlab serve at 2 (~136 vs ~97), so run both --threads 1 and --threads N and
+report each. The load generator runs in this process on the same machine: its own CPU time per request is printed
+so one can see how much of the machine it took.
 
 Request i carries texts i*k .. i*k+k-1 (mod the data size) of --data, so both sides classify the same texts and
 their labels are compared (agreement %, largest score difference). Checks: every request answered (no connection
@@ -445,7 +445,7 @@ def main() -> None:
     p.add_argument("--sides", default="sftlab,pipeline")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of each server, the same for both (default: cores - 1, at least 1)")
+                   help="torch threads of each server, the same for both (default: all cores)")
     p.add_argument("--token", default=None, help="bearer token, passed to both servers and sent with each request")
     p.add_argument("--sftlab-args", default="", help="extra arguments for `sftlab serve`")
     p.add_argument("--pipeline-handler", choices=("sync", "async"), default="sync",
@@ -466,7 +466,7 @@ def main() -> None:
         sys.exit(f"unknown side(s) {sorted(unknown)}; choose from {SIDES}")
     args.model = args.model.resolve()
     args.serve_dir = (args.serve_dir or args.model).resolve()
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
+    args.threads = args.threads or os.cpu_count() or 1
     if args.requests < 1 or args.concurrency < 1 or args.texts_per_request < 1:
         sys.exit("--requests, --concurrency and --texts-per-request must be >= 1")
     if not args.data.is_file():
