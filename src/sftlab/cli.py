@@ -205,7 +205,8 @@ def cmd_serve(args) -> None:
     settings = make_settings(host=args.host, port=args.port, token=args.token, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
                              max_texts=args.max_texts, max_chars=args.max_chars, max_new_tokens=args.max_new_tokens,
-                             max_body_bytes=args.max_body_bytes, threads=args.threads, bf16=args.bf16 or None)
+                             max_queue_generate=args.max_queue_generate,
+                             max_body_bytes=args.max_body_bytes, threads=args.threads, precision=args.precision)
     serve(args.dir, settings)
 
 
@@ -336,17 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, help="TCP port (default 8000; 0 = any free port)")
     v.add_argument("--token", help="bearer token required on every route but /health (default: env "
                                    "SFTLAB_SERVE_TOKEN; none = open)")
-    v.add_argument("--max-batch-size", type=int, help="most texts per forward pass (default 32)")
+    v.add_argument("--max-batch-size", type=int, help="most texts per micro-batch (default 64)")
     v.add_argument("--max-wait-ms", type=float, help="longest a text waits for a batch to fill (default 5)")
     v.add_argument("--max-queue", type=int, help="texts waiting before requests get 429 (default 2048)")
+    v.add_argument("--max-queue-generate", type=int, help="generation requests queued or running before 429 "
+                                                          "(default 8; they run one at a time)")
     v.add_argument("--timeout-s", type=float, help="per-request time limit; over it 504 (default 30)")
     v.add_argument("--max-texts", type=int, help="texts per /v1/classify request (default 256)")
     v.add_argument("--max-chars", type=int, help="characters per text, prompt or message (default 20000)")
     v.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
     v.add_argument("--max-body-bytes", type=int, help="request body size limit (default 4 MiB)")
-    v.add_argument("--threads", type=int, help="torch threads for inference (default: all cores)")
-    v.add_argument("--bf16", action="store_true", help="bf16 autocast for classification (faster on CPUs with "
-                                                       "AVX-512 BF16; scores move ~1e-2)")
+    v.add_argument("--threads", type=int, help="torch threads for inference (default: cores - 1, at least 1)")
+    v.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="classification passes: auto (default) = bf16 where the CPU/GPU has it natively, else fp32; "
+                        "fp32 = answers equal offline fp32 predictions to 1e-5")
     v.set_defaults(fn=cmd_serve)
     return p
 

@@ -37,7 +37,7 @@ def test_runtime_formats_go_through_load_exported(tmp_path, monkeypatch):
         def logits(self, texts, pairs=None):
             return np.array([[0.0, float(len(t))] for t in texts], dtype=np.float32)
 
-    def load_exported(path):
+    def load_exported(path, **kw):
         seen.append(Path(path))
         return Exported()
 

@@ -43,12 +43,16 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
     backend object (tests pass fakes)."""
     s = settings or ServeSettings()
     backend = source if hasattr(source, "kind") else load_backend(
-        source, bf16=s.bf16, batch_tokens=s.batch_tokens, threads=s.threads)
+        source, precision=s.precision, batch_tokens=s.batch_tokens, threads=s.torch_threads)
     metrics = Metrics()
     rt: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(s.torch_threads)  # process-wide; given back at shutdown (in-process use, tests)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sftlab-infer")
         rt["batcher"] = MicroBatcher(backend.predict if backend.kind == "classify" else _no_batching, executor,
                                      max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
@@ -64,9 +68,12 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
             rt["genq"].stop()
             await rt["batcher"].stop()
             executor.shutdown(wait=False, cancel_futures=True)
+            torch.set_num_threads(threads)
 
+    # No OpenAPI pages (they would be open without the token); FastAPI's OpenTelemetry hooks off: its per-request
+    # "is telemetry configured?" check cost ~0.2 ms a request in a profile, and /metrics covers what it would give.
     app = FastAPI(title="sftlab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)
+                  redirect_slashes=False, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.backend, app.state.settings, app.state.metrics, app.state.runtime = backend, s, metrics, rt
     _error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)

@@ -1,8 +1,8 @@
 """Dynamic micro-batching and the generation queue, both in front of ONE inference thread.
 
 The event loop never runs the model: it parses requests, queues their texts and awaits futures. A collector task
-takes up to `max_batch_size` queued texts - waiting at most `max_wait_ms` after the oldest one arrived for more
-to come - and runs them as one call on the inference thread; while that runs, the next batch queues up. A request
+takes up to `max_batch_size` queued texts - waiting at most `max_wait_ms` after the oldest one arrived (and after
+the model became free) for more to come - and runs them as one call on the inference thread; while that runs, the next batch queues up. A request
 may be split over several batches and a batch may hold many requests; answers are scattered back by position,
 so every request gets its own answers in its own order.
 
@@ -54,6 +54,7 @@ class MicroBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._free_since = 0.0  # when the model last finished a batch (time.monotonic())
 
     @property
     def queue_depth(self) -> int:
@@ -129,9 +130,13 @@ class MicroBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            # Fill the batch: wait for more texts until it is full or the oldest text has waited max_wait.
+            # Fill the batch: wait for more texts until it is full or max_wait has passed since the oldest text
+            # arrived AND since the model became free. The second clock matters under load: the clients whose
+            # answers just went out send their next requests within a few ms; without it every batch would hold
+            # only what arrived while the previous one ran (half the clients: measured 16 of 32, 7.0 ms CPU per
+            # text instead of 5.8 at 32).
             while self._queued < self.max_batch_size:
-                left = head.arrived + self.max_wait - time.monotonic()
+                left = max(head.arrived, self._free_since) + self.max_wait - time.monotonic()
                 if left <= 0:
                     break
                 self._wake.clear()
@@ -147,6 +152,7 @@ class MicroBatcher:
             try:
                 answers = await loop.run_in_executor(self.executor, self.run, items)
             except Exception as e:  # noqa: BLE001 - a model failure fails these requests, not the server
+                self._free_since = time.monotonic()
                 log.exception("inference failed on a batch of %d", len(items))
                 err = e if isinstance(e, ApiError) else ApiError(500, f"inference failed: {type(e).__name__}",
                                                                  "internal_error")
@@ -154,6 +160,7 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
+            self._free_since = time.monotonic()
             if self.metrics:
                 self.metrics.batch_size.observe(len(items))
                 self.metrics.inference.labels(kind="classify").observe(time.perf_counter() - t0)
