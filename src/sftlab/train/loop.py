@@ -94,6 +94,10 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
 
         if enable_first_token_last_layer(model) and main:
             log("last block computed for the first token only (the head reads nothing else; exact)")
+    if t.fast_dropout and acc.device.type == "cpu":
+        from ..models.fast_dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
