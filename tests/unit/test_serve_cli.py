@@ -116,3 +116,17 @@ def test_serve_subprocess_ready_classify_sigterm(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_imports_nothing_from_train(tiny_model_dir, tmp_path):
+    """DESIGN: serve/ imports nothing from sftlab.train, also when it loads a run directory (load_trained)."""
+    import shutil
+
+    best = tmp_path / "run" / "best"
+    shutil.copytree(export_folder(tiny_model_dir, tmp_path / "export"), best)
+    (best / "sftlab.json").write_text(json.dumps({"task": "classification", "labels": LABELS, "max_length": 16}))
+    code = ("import sys; from sftlab.serve import create_app; create_app(sys.argv[1]); "
+            "bad = sorted(m for m in sys.modules if m.startswith('sftlab.train')); assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

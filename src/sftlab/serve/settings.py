@@ -54,8 +54,8 @@ class ServeSettings(BaseModel):
     """Request body size (Content-Length, or counted while streaming in for chunked bodies); more -> 413."""
 
     threads: int | None = Field(None, ge=1)
-    """torch intra-op threads of the inference thread. Default: cores - 1 (at least 1), leaving a core to the event
-    loop that parses HTTP; measured 2x faster than all cores on a busy 2-core machine (docs/serve.md)."""
+    """torch intra-op threads of the inference thread (default: all cores). `sftlab serve` also makes idle OpenMP
+    threads sleep rather than spin (OMP_WAIT_POLICY=PASSIVE unless set), so they do not starve the event loop."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Classification forward passes. auto: bf16 autocast where the hardware computes bf16 natively (CPU with
     AVX-512 BF16 or AMX, CUDA with bf16), else fp32. fp32: answers equal offline fp32 predictions to 1e-5; bf16:
@@ -77,7 +77,7 @@ class ServeSettings(BaseModel):
 
     @property
     def torch_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 2) - 1)
+        return self.threads or os.cpu_count() or 1
 
     @property
     def loopback(self) -> bool:
