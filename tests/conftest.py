@@ -19,6 +19,18 @@ NEG = ["awful", "terrible", "bad", "horrible", "dreadful", "poor", "boring", "ug
 NOUNS = ["film", "meal", "book", "phone", "hotel", "song", "show", "game"]
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and two spin against each other on a busy 2-core box (2x slower).
+    Use per module: `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with the packaged minilm tokenizer: same code path as real models, ~1M params."""

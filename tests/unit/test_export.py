@@ -27,13 +27,7 @@ TEXTS = [r["text"] for r in make_rows(24, seed=5)] + ["ok", "the " + "very " * 4
 PICKLE = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and two spin against each other on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

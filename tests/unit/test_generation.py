@@ -53,13 +53,7 @@ def make_model(vocab_size: int, *, special_bias: float = -1e4, seed: int = 0, in
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: extra threads only add contention (2x faster on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
