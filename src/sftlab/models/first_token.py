@@ -16,6 +16,8 @@ from __future__ import annotations
 import types
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import eager_attention_forward
 
 from ..strategies.anatomy import find_stack
 
@@ -46,9 +48,6 @@ def _first_token_forward(self, hidden_states, attention_mask=None, encoder_hidde
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
                                   **kwargs)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bert.modeling_bert import eager_attention_forward
-
     sa = self.attention.self
     batch, length, _ = hidden_states.shape
     first = hidden_states[:, :1]
