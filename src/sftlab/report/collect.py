@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import RunDirError, SftlabError
+from ..precision import resolve as resolve_precision
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _ensure_dev_analysis(run: Run) -> None:
     data_cfg = config_data(run.config)
     resolved = Path(resolve_path(data_cfg, dev)) if data_cfg else None
     target = str(resolved.resolve()) if resolved is not None and resolved.is_file() else dev
-    bf16 = (run.config.get("train") or {}).get("precision") == "bf16"
+    bf16 = resolve_precision((run.config.get("train") or {}).get("precision", "auto"))
     why = "" if existing is None else f" (the saved one is of step {existing.get('step')})"
     print(f"report: {run.name}: error analysis of the best model (step {run.meta.get('step')}) on {dev}{why}",
           file=sys.stderr)

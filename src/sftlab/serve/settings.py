@@ -57,8 +57,8 @@ class ServeSettings(BaseModel):
     """torch intra-op threads of the inference thread (default: all cores). `sftlab serve` also makes idle OpenMP
     threads sleep rather than spin (OMP_WAIT_POLICY=PASSIVE unless set), so they do not starve the event loop."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Classification forward passes. auto: bf16 autocast where the hardware computes bf16 natively (CPU with
-    AVX-512 BF16 or AMX, CUDA with bf16), else fp32. fp32: answers equal offline fp32 predictions to 1e-5; bf16:
+    """Classification forward passes. auto: bf16 autocast where this machine's bf16 matmuls are measured faster than
+    fp32 (CUDA with bf16, CPUs with AMX; src/sftlab/precision.py), else fp32. fp32: answers equal offline fp32 predictions to 1e-5; bf16:
     probabilities move by ~1e-2 (SST-2 dev: same accuracy, 0 of 872 labels changed; docs/serve.md)."""
 
     @field_validator("token")

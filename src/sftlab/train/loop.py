@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
@@ -32,6 +32,7 @@ from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
 from ..models.load import attention_for
+from ..precision import describe as describe_precision, resolve as resolve_precision
 from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
@@ -65,8 +66,14 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     # In-process reruns (tune trials, the baseline twin, tests) may change precision; accelerate keeps one global
     # state and refuses a second value unless it is reset (the process group, if any, stays).
     AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    bf16 = resolve_precision(t.precision)
+    if t.precision == "auto" and PartialState(cpu=cpu).num_processes > 1:  # every rank takes rank 0's measurement
+        bf16 = bool(broadcast_object_list([bf16])[0])
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
     main = acc.is_main_process
+    if main and t.precision == "auto":
+        log(describe_precision(bf16, t.precision))
     if t.auto_batch_size and acc.num_processes > 1:
         raise ConfigError("train.auto_batch_size works in one process (an out-of-memory retry on one rank would "
                           "desynchronise the others); set train.batch_size and train.grad_accum by hand")
@@ -89,6 +96,10 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length),
     )
+    if t.fused_attention and cfg.task in ("classification", "regression") and cfg.strategy.name != "prefix_tuning":
+        from ..models.fused_attention import enable_fused_attention
+
+        enable_fused_attention(model)
     if t.first_token_last_layer and cfg.task in ("classification", "regression"):
         from ..models.first_token import enable_first_token_last_layer
 
@@ -116,6 +127,9 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression")  # noqa: E731
 
     lengths = train_data.lengths
+    token_budget = t.micro_batch_tokens
+    if token_budget == "auto":  # the typical batch's padded size; only outliers get cut
+        token_budget = t.batch_size * max(1, int(np.percentile(lengths, 90))) if lengths else None
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
     # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
     weights = train_data.weights if causal else [1] * len(train_data)
@@ -163,9 +177,9 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     def _evaluate(encoded) -> dict:
         if causal:
             return lm_scores(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
-                             bf16=t.precision == "bf16")
+                             bf16=bf16)
         logits, loss = predict_logits(raw_model, encoded, cfg.task, batch_size=t.eval_batch_size, pad_id=pad_id,
-                                      device=acc.device, bf16=t.precision == "bf16")
+                                      device=acc.device, bf16=bf16)
         return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
 
     def refuse_nonfinite() -> None:
@@ -201,7 +215,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         nonlocal accum
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         while True:
-            micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, accum)
+            micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, accum,
+                                  token_budget)
             try:
                 return micro_pass(micro, units)
             except Exception as e:  # noqa: BLE001  (only out-of-memory is handled; the rest re-raises)
@@ -211,7 +226,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             # Outside `except`: the traceback, and the activations its frames hold, are gone before freeing.
             optimizer.zero_grad(set_to_none=True)
             free_memory()
-            size = max(len(m) for m in micro)
+            size = max(len(m) for m in micro)  # a token budget may already have cut some: halve the largest
             if not t.auto_batch_size:
                 raise TrainingError(f"step {step + 1}: out of memory with a micro-batch of {size} ({oom}); set "
                                     "train.auto_batch_size=true, or lower train.batch_size and raise "
@@ -253,7 +268,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             units = sum(weights[i] for i in step_batch)
             step_loss = forward_backward(step_batch, units)
             if sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
-                grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm or float("inf"))
+                grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm or float("inf"), optimizer)
             elif t.max_grad_norm:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             else:
@@ -371,8 +386,10 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         "total_params": sum(p.numel() for p in raw_model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "best_metric": metric, "best_step": state["best_step"], "dev_metrics": state.get("best_scores"),
-        "processes": acc.num_processes, "device": str(acc.device), "data": data.report(cfg.task),
+        "processes": acc.num_processes, "device": str(acc.device), "precision": "bf16" if bf16 else "fp32",
+        "data": data.report(cfg.task),
         "grad_accum": accum, "micro_batch_size": -(-step_size // (acc.num_processes * accum)),
+        "micro_batch_tokens": token_budget,
         "skipped_steps": state["skipped_steps"],
     }
     if torch.cuda.is_available():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..config import TrainConfig
@@ -60,6 +61,7 @@ class LazyRowAdamW(torch.optim.AdamW):
         for _, p, _ in lazy:
             p.grad = None  # the dense kernel skips parameters without a gradient
         loss = super().step(closure)
+        self.grad_scale = None  # set per step by clip_grad_norm; never carried into the next
         for group, p, grad in lazy:
             p.grad = grad
             self._rows_update(group, p, grad)
@@ -69,8 +71,8 @@ class LazyRowAdamW(torch.optim.AdamW):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = _untouched_zeros(p)
+            state["exp_avg_sq"] = _untouched_zeros(p)
         state["step"] += 1
         step = float(state["step"])
         beta1, beta2 = group["betas"]
@@ -92,6 +94,15 @@ class LazyRowAdamW(torch.optim.AdamW):
         p.index_copy_(0, rows, w.addcdiv_(m, denom, value=-lr / (1 - beta1**step)))
 
 
+def _untouched_zeros(p: torch.Tensor) -> torch.Tensor:
+    """Zeros like `p` that cost no memory until written, on CPU: numpy's calloc hands out fresh zero pages, where
+    torch.zeros writes every page. Only the pages of rows a batch touched become resident: on minilm-l6 / SST-2 4,000
+    the two moments of the 30,522 x 384 embedding take about half their 94 MB."""
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    return torch.from_numpy(np.zeros(tuple(p.shape), dtype=np.float32))
+
+
 def sparse_embedding_gradients(model: torch.nn.Module) -> bool:
     """Lets the lazily updated embedding produce a row-sparse gradient (nn.Embedding(sparse=True)): its backward
     then never builds, zeroes and scatters into a dense vocab x hidden matrix, which on minilm-l6 costs more than
@@ -104,9 +115,11 @@ def sparse_embedding_gradients(model: torch.nn.Module) -> bool:
     return True
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, optimizer=None) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (same coefficient: max_norm / (norm + 1e-6), at most 1) that also takes
-    sparse gradients, which torch's version refuses."""
+    sparse gradients, which torch's version refuses. With a fused `optimizer` the dense gradients are not touched
+    here: the fused AdamW kernel divides each gradient by `grad_scale` as it reads it (the hook torch's GradScaler
+    uses), which saves a read-and-write pass over every gradient (~3 ms of a 160 ms minilm-l6 step)."""
     params = [p for p in parameters if p.grad is not None]
     for p in params:
         if p.grad.is_sparse:
@@ -116,7 +129,9 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     norms += [torch.linalg.vector_norm(p.grad.values()) for p in params if p.grad.is_sparse]
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    if dense:
+    if optimizer is not None and optimizer.defaults.get("fused"):
+        optimizer.grad_scale = coef.reciprocal()
+    elif dense:
         torch._foreach_mul_(dense, coef)
     for p in params:
         if p.grad.is_sparse:
