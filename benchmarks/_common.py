@@ -70,3 +70,25 @@ def machine_peak() -> tuple[float, str, dict[str, float]]:
 def utilisation_line(flops: float, seconds: float, peak_gflops: float, label: str = "bf16") -> str:
     achieved = flops / seconds / 1e9
     return f"{achieved:.1f} GFLOP/s = {100 * achieved / peak_gflops:.1f}% of the {label} matmul peak ({peak_gflops:.0f})"
+
+
+def ratio_rows(med: dict, refs: dict[str, str], speed: str, diff: str, columns: int) -> dict:
+    """Print a table row of sftlab / each reference side in `refs` (side -> label) that ran: `speed` and peak RSS
+    as ratios, `diff` (a quality metric) as a difference; the fastest reference is starred and its ratios returned
+    (with "against": its side), so that sftlab is judged against the best the reference tool did on this machine.
+    `columns`: cells after the first four, left empty."""
+    sides = [side for side in refs if side in med]
+    if "sftlab" not in med or not sides:
+        return {}
+    best = max(sides, key=lambda side: med[side][speed])
+    s, out = med["sftlab"], {}
+    for side in sides:
+        ref = med[side]
+        r = {speed: s[speed] / ref[speed], "peak_rss_mb": s["peak_rss_mb"] / ref["peak_rss_mb"],
+             f"{diff}_diff": s[diff] - ref[diff]}
+        b = "**" if side == best else ""
+        if b:
+            out = {**r, "against": side}
+        print(f"| {b}sftlab / {refs[side]}{' (the faster reference here)' if b else ''}{b} | {b}{r[speed]:.2f}x{b} | "
+              f"| {b}{r['peak_rss_mb']:.2f}x{b} | {b}{r[f'{diff}_diff']:+.4f}{b} |" + " |" * columns)
+    return out

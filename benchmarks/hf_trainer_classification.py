@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_peak, median_of, run_child, training_flops, utilisation_line  # noqa: E402
+from _common import machine_peak, median_of, ratio_rows, run_child, training_flops, utilisation_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = Path(os.environ.get("SFTLAB_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -157,23 +157,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> dict:
         util = utilisation_line(flops_per_example * m["examples_per_s"], 1.0, args.peak, args.peak_dtype)
         print(f"| {names[t]} | {m['examples_per_s']:.1f} | {m['train_seconds']:.1f} | "
               f"{m['peak_rss_mb']:.0f} | {m['dev_accuracy']:.4f} | {util} |")
-    ratios = {}
-    best_hf = max((t for t in ("hf", "hf_fp32") if t in med), key=lambda t: med[t]["examples_per_s"], default=None)
-    if "sftlab" in med and best_hf:
-        s = med["sftlab"]
-        for t in ("hf", "hf_fp32"):
-            if t not in med:
-                continue
-            h, tag = med[t], "bf16" if t == "hf" else "fp32"
-            r = {"examples_per_s": s["examples_per_s"] / h["examples_per_s"],
-                 "peak_rss_mb": s["peak_rss_mb"] / h["peak_rss_mb"],
-                 "dev_accuracy_diff": s["dev_accuracy"] - h["dev_accuracy"]}
-            if t == best_hf:
-                ratios = {**r, "against": t}
-            star = "**" if t == best_hf else ""
-            print(f"| {star}sftlab / HF best settings {tag}{' (the faster HF side)' if star else ''}{star} | "
-                  f"{star}{r['examples_per_s']:.2f}x{star} | | {star}{r['peak_rss_mb']:.2f}x{star} | "
-                  f"{star}{r['dev_accuracy_diff']:+.4f}{star} | |")
+    ratios = ratio_rows(med, {"hf": "HF best settings bf16", "hf_fp32": "HF best settings fp32"},
+                        "examples_per_s", "dev_accuracy", 1)
     if "hf_glue" in med and "sftlab" in med:
         ratios["examples_per_s_vs_run_glue_defaults"] = med["sftlab"]["examples_per_s"] / med["hf_glue"]["examples_per_s"]
         print(f"| **sftlab / run_glue defaults** | **{ratios['examples_per_s_vs_run_glue_defaults']:.1f}x** | | | | |")

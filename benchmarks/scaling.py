@@ -1,4 +1,5 @@
-"""How sftlab's training throughput grows with batch size and with sequence length (minilm-l6, bf16, CPU).
+"""How sftlab's training throughput grows with batch size and with sequence length (minilm-l6, CPU, default
+`train.precision: auto`: bf16 only where measured faster than fp32).
 
     python benchmarks/scaling.py [--rows 1024] [--batch-sizes 8,16,32,64,128] [--lengths 32,64,128,256,512]
                                  [--sftlab-args "k=v ..."] [--data-dir GLUE_DIR] [--json OUT]
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import matmul_peak_gflops, run_child, training_flops  # noqa: E402
+from _common import machine_peak, run_child, training_flops  # noqa: E402
 from hf_trainer_classification import DEFAULT_GLUE, REPO, read_sst2  # noqa: E402
 
 
@@ -40,13 +41,14 @@ def train_point(data: Path, n: int, batch: int, max_length: int, tmp: Path, extr
     out = tmp / f"run-{batch}-{max_length}-{n}"
     cmd = [sys.executable, "-m", "sftlab", "train", "-", "model.name=minilm-l6", f"data.train={data}",
            "data.text=text", "data.label=label", f"data.max_length={max_length}", f"data.limit_train={n}",
-           "train.epochs=1", f"train.batch_size={batch}", "train.lr=1e-4", "train.precision=bf16",
+           "train.epochs=1", f"train.batch_size={batch}", "train.lr=1e-4",
            "train.progress=false", "train.tensorboard=false", f"output_dir={out}", *extra]
     rc, stdout, rss = run_child(cmd, env, capture=True)
     if rc != 0:
         sys.exit(f"sftlab failed (exit {rc}): {' '.join(cmd)}")
     s = json.loads((out / "summary.json").read_text())
     return {"examples_per_s": s["train_examples_per_s"], "tokens_per_s": s["train_tokens_per_s"],
+            "precision": s.get("precision"),
             "train_seconds": s["train_seconds"], "peak_rss_mb": rss}
 
 
@@ -60,17 +62,18 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     tok, nonemb, layers, width = model_shape()
-    peak = matmul_peak_gflops("bfloat16")
+    peak, peak_dtype, peaks = machine_peak()
     texts, labels = read_sst2(args.data_dir / "sst2" / "train.tsv", 40 * args.rows)
     extra = args.sftlab_args.split()
-    result = {"peak_gflops": peak, "batch": [], "length": []}
+    result = {"peak_gflops": peak, "matmul_peaks": peaks, "batch": [], "length": []}
     with tempfile.TemporaryDirectory(prefix="sftlab-scaling-") as tmp:
         tmp = Path(tmp)
         natural = tmp / "natural.jsonl"
         natural.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
         lens = [len(x) for x in tok(texts[:args.rows], truncation=True, max_length=128)["input_ids"]]
         flops_per_ex = training_flops(nonemb, layers, width, lens) / len(lens)
-        print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s\n\n| batch size | examples/s | tokens/s | model GFLOP/s "
+        print(f"matmul peaks here: fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s; % of peak is of "
+              f"the faster ({peak_dtype})\n\n| batch size | examples/s | tokens/s | model GFLOP/s "
               "| % of peak | peak RSS MB |\n|---:|---:|---:|---:|---:|---:|")
         for b in map(int, args.batch_sizes.split(",")):
             r = train_point(natural, args.rows, b, 128, tmp, extra)

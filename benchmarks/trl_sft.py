@@ -44,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_peak, median_of, run_child, training_flops, utilisation_line  # noqa: E402
+from _common import machine_peak, median_of, ratio_rows, run_child, training_flops, utilisation_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("SFTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -201,20 +201,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> dict:
         util = utilisation_line(args.flops_per_token * m["tokens_per_s"], 1.0, args.peak, args.peak_dtype)
         print(f"| {names[t]} | {m['tokens_per_s']:.1f} | {m['train_seconds']:.1f} | {m['peak_rss_mb']:.0f} | "
               f"{m['final_loss']:.4f} | {m['train_tokens']:.0f} | {util} |")
-    ratios = {}
-    best = max((t for t in TRL_SIDES if t in med), key=lambda t: med[t]["tokens_per_s"], default=None)
-    if "sftlab" in med and best:
-        s = med["sftlab"]
-        for side in (t for t in TRL_SIDES if t in med):
-            t = med[side]
-            r = {"tokens_per_s": s["tokens_per_s"] / t["tokens_per_s"], "peak_rss_mb": s["peak_rss_mb"] / t["peak_rss_mb"],
-                 "final_loss_diff": s["final_loss"] - t["final_loss"]}
-            if side == best:
-                ratios = {**r, "against": side}
-            b = "**" if side == best else ""
-            print(f"| {b}sftlab / {names[side].split(' (')[0]} {'bf16' if side == 'trl' else 'fp32'}"
-                  f"{' (the faster TRL side)' if b else ''}{b} | {b}{r['tokens_per_s']:.2f}x{b} | | "
-                  f"{b}{r['peak_rss_mb']:.2f}x{b} | {b}{r['final_loss_diff']:+.4f}{b} | | |")
+    ratios = ratio_rows(med, {"trl": "TRL bf16", "trl_fp32": "TRL fp32"}, "tokens_per_s", "final_loss", 2)
     print("\nper run:\n| tool | run | tokens/s | train s | peak RSS MB | final loss | trained tokens |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:

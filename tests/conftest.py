@@ -50,6 +50,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+def model_pair(model_dir, task="classification", attention="sdpa"):
+    """Two identical loads of a classifier (same head weights), to patch one and compare it with the other."""
+    from sftlab.models import load_model
+
+    labels = None if task == "regression" else ["neg", "pos", "mid"]
+    a = load_model(str(model_dir), task, labels, attention=attention, seed=0)
+    b = load_model(str(model_dir), task, labels, attention=attention, seed=0)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def best_weights_per_setting(overrides: list[str], tmp_path: Path, key: str, values: list[str]) -> list[dict]:
+    """Train once per `key=value` (one epoch, in-process, through `sftlab.train` as users call it) and return each
+    run's best/ weights."""
+    from safetensors.torch import load_file
+
+    import sftlab
+
+    out = []
+    for value in values:
+        cfg = sftlab.load_config(None, overrides + ["train.epochs=1", f"{key}={value}", f"output_dir={tmp_path / value}"])
+        out.append(load_file(str(sftlab.train(cfg) / "best" / "model.safetensors")))
+    return out
+
+
 def make_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> list[dict]:
     rng = random.Random(seed)
     rows = []

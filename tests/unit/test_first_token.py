@@ -4,15 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import model_pair
 
-def _pair(tiny_model_dir, task="classification", attention="sdpa"):
-    from sftlab.models import load_model
 
-    labels = None if task == "regression" else ["neg", "pos", "mid"]
-    a = load_model(str(tiny_model_dir), task, labels, attention=attention, seed=0)
-    b = load_model(str(tiny_model_dir), task, labels, attention=attention, seed=0)
-    b.load_state_dict(a.state_dict())
-    return a, b
+_pair = model_pair
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -4,17 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import best_weights_per_setting, model_pair
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _pair(tiny_model_dir, attention="sdpa", task="classification"):
-    from sftlab.models import load_model
-
-    labels = None if task == "regression" else ["neg", "pos", "mid"]
-    a = load_model(str(tiny_model_dir), task, labels, attention=attention, seed=0)
-    b = load_model(str(tiny_model_dir), task, labels, attention=attention, seed=0)
-    b.load_state_dict(a.state_dict())
-    return a, b
+def _pair(tiny_model_dir, attention="sdpa"):
+    return model_pair(tiny_model_dir, attention=attention)
 
 
 def _batch():
@@ -111,22 +107,14 @@ def test_probe_failure_leaves_the_model_unpatched(tiny_model_dir, monkeypatch):
     import sftlab.models.fused_attention as fa
 
     _, model = _pair(tiny_model_dir)
-    monkeypatch.setattr(fa, "_probe_equal", lambda *a: False)
+    monkeypatch.setattr(fa, "patched_equals_unpatched", lambda *a: False)
     assert fa.enable_fused_attention(model) == 0
     assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_training_with_and_without_it_ends_at_the_same_weights(tiny_overrides, tmp_path):
-    from safetensors.torch import load_file
-
-    import sftlab
-
-    dirs = []
-    for flag in ("true", "false"):
-        cfg = sftlab.load_config(None, tiny_overrides + ["train.epochs=1", f"train.fused_attention={flag}",
-                                                        f"output_dir={tmp_path / flag}"])
-        dirs.append(sftlab.train(cfg))  # twice: the second call reaches the package, which must be callable
-    a, b = (load_file(str(d / "best" / "model.safetensors")) for d in dirs)
+    # sftlab.train twice in one process: the second call reaches the package, which must be callable too.
+    a, b = best_weights_per_setting(tiny_overrides, tmp_path, "train.fused_attention", ["true", "false"])
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

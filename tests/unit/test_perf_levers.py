@@ -1,10 +1,13 @@
 """precision auto, token-budget micro-batches and untouched optimizer zeros: what they decide and that runs agree."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
+
+from tests.conftest import best_weights_per_setting
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,21 +55,11 @@ def test_token_budget_cuts_partition_the_micro_batch_within_budget(seed):
 
 def test_token_budget_run_equals_uncut_run(tiny_overrides, tmp_path):
     """Cutting micro-batches by tokens changes only how the step's sums are computed: same weights."""
-    from safetensors.torch import load_file
-
-    import sftlab
-
-    dirs = []
-    for budget in ("null", "24"):
-        cfg = sftlab.load_config(None, tiny_overrides + ["train.epochs=1", f"train.micro_batch_tokens={budget}",
-                                                        f"output_dir={tmp_path / budget}"])
-        dirs.append(sftlab.train(cfg))  # twice: the second call reaches the package, which must be callable
-    a, b = (load_file(str(d / "best" / "model.safetensors")) for d in dirs)
+    a, b = best_weights_per_setting(tiny_overrides, tmp_path, "train.micro_batch_tokens", ["null", "24"])
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-    import json
-
-    assert json.loads((dirs[1] / "summary.json").read_text())["micro_batch_tokens"] == 24
+    summary = json.loads((tmp_path / "24" / "summary.json").read_text())
+    assert summary["micro_batch_tokens"] == 24 and summary["precision"] == "fp32"
 
 
 def test_lazy_moments_start_as_untouched_zero_pages():

@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
 from ..strategies.anatomy import find_stack
+from .probe import patched_equals_unpatched
 
 
 def enable_first_token_last_layer(model: torch.nn.Module, vocab_size: int | None = None) -> bool:
@@ -36,7 +37,7 @@ def enable_first_token_last_layer(model: torch.nn.Module, vocab_size: int | None
             getattr(block, "add_cross_attention", False) or getattr(model.config, "is_decoder", False):
         return False
     block.forward = types.MethodType(_first_token_forward, block)
-    if _probe_equal(model, vocab_size or model.config.vocab_size):
+    if patched_equals_unpatched(model, [block], vocab_size or model.config.vocab_size):
         return True
     del block.forward  # back to the class's forward
     return False
@@ -61,31 +62,3 @@ def _first_token_forward(self, hidden_states, attention_mask=None, encoder_hidde
                     scaling=sa.scaling, is_causal=False)
     attention_output = self.attention.output(out.reshape(batch, 1, -1).contiguous(), first)
     return self.feed_forward_chunk(attention_output)
-
-
-@torch.no_grad()
-def _probe_equal(model: torch.nn.Module, vocab_size: int) -> bool:
-    """Patched logits == unpatched on a random batch with padding, in fp32 eval mode (dropout off)."""
-    _, stack = find_stack(model)
-    block = stack[-1]
-    was_training = model.training
-    model.eval()
-    try:
-        g = torch.Generator().manual_seed(0)
-        device = next(model.parameters()).device
-        ids = torch.randint(5, max(6, min(vocab_size, 1000)), (3, 9), generator=g).to(device)
-        mask = torch.ones_like(ids)
-        mask[1, 6:] = 0
-        mask[2, 3:] = 0
-        patched = model(input_ids=ids, attention_mask=mask).logits.float()
-        saved = block.forward
-        del block.forward
-        try:
-            reference = model(input_ids=ids, attention_mask=mask).logits.float()
-        finally:
-            block.forward = saved
-        return patched.shape == reference.shape and bool(torch.allclose(patched, reference, atol=1e-5, rtol=1e-4))
-    except Exception:  # noqa: BLE001  (any architecture the patch does not fit stays unpatched)
-        return False
-    finally:
-        model.train(was_training)

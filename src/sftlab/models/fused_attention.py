@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .fast_dropout import keep_mask
+from .probe import patched_equals_unpatched
 
 
 class _AttentionCore(torch.autograd.Function):
@@ -54,7 +55,7 @@ class _AttentionCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, probs, keep = ctx.saved_tensors
-        grad = grad.to(v.dtype)
+        grad = grad.to(v.dtype).contiguous()  # one copy here, not one inside each matmul below
         if keep is not None:
             factor = keep.to(probs.dtype).mul_(1.0 / (1.0 - ctx.p))
             grad_v = torch.matmul((probs * factor).transpose(-1, -2), grad)
@@ -84,7 +85,9 @@ def _fused_forward(self, hidden_states, attention_mask=None, past_key_values=Non
     weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
     bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
     qkv = F.linear(hidden_states, weight, bias).view(batch, length, 3, -1, self.attention_head_size)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+    # One copy into [3, B, heads, L, d]: every matmul of the core then reads contiguous operands (or a transposed
+    # view, which BLAS takes as is) instead of copying its strided inputs itself, forward and backward.
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
     out = attention(q, k, v, attention_mask, self.dropout.p if self.training else 0.0, self.scaling)
     return out.transpose(1, 2).reshape(batch, length, -1), None
 
@@ -107,33 +110,8 @@ def enable_fused_attention(model: torch.nn.Module, vocab_size: int | None = None
         return 0
     for m in targets:
         m.forward = types.MethodType(_fused_forward, m)
-    if _probe_equal(model, targets, vocab_size or model.config.vocab_size):
+    if patched_equals_unpatched(model, targets, vocab_size or model.config.vocab_size):
         return len(targets)
     for m in targets:
         del m.forward
     return 0
-
-
-@torch.no_grad()
-def _probe_equal(model, targets, vocab_size: int) -> bool:
-    was_training = model.training
-    model.eval()
-    try:
-        g = torch.Generator().manual_seed(0)
-        device = next(model.parameters()).device
-        ids = torch.randint(5, max(6, min(vocab_size, 1000)), (3, 9), generator=g).to(device)
-        mask = torch.ones_like(ids)
-        mask[1, 6:] = 0
-        mask[2, 3:] = 0
-        patched = model(input_ids=ids, attention_mask=mask).logits.float()
-        saved = [m.__dict__.pop("forward") for m in targets]
-        try:
-            reference = model(input_ids=ids, attention_mask=mask).logits.float()
-        finally:
-            for m, f in zip(targets, saved):
-                m.forward = f
-        return patched.shape == reference.shape and bool(torch.allclose(patched, reference, atol=1e-5, rtol=1e-4))
-    except Exception:  # noqa: BLE001  (an architecture the patch does not fit stays unpatched)
-        return False
-    finally:
-        model.train(was_training)

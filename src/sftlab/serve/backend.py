@@ -37,7 +37,7 @@ TASKS = ("classification", "regression", "causal_lm")
 def load_backend(path: str | Path, *, precision: str = "fp32", batch_tokens: int = 16_384,
                  threads: int | None = None):
     """A Classifier or a Generator for `path`; anything else raises SftlabError (one line, for the CLI).
-    precision: fp32 | bf16 | auto (bf16 where the hardware has it natively) for classification passes; `threads`
+    precision: fp32 | bf16 | auto (bf16 where measured faster than fp32) for classification passes; `threads`
     only sizes an onnxruntime session (torch's thread count is the app's to set, app.py)."""
     p = Path(path)
     bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
