@@ -72,8 +72,6 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         bf16 = bool(broadcast_object_list([bf16])[0])
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
     main = acc.is_main_process
-    if main and t.precision == "auto":
-        log(describe_precision(bf16, t.precision))
     if t.auto_batch_size and acc.num_processes > 1:
         raise ConfigError("train.auto_batch_size works in one process (an out-of-memory retry on one rank would "
                           "desynchronise the others); set train.batch_size and train.grad_accum by hand")
@@ -86,6 +84,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     data = prepare(cfg, tokenizer)
     if main:
         log(format_report(data.report(cfg.task)))
+        if t.precision == "auto":
+            log(describe_precision(bf16, t.precision))
     labels = data.labels.names if data.labels else None
     train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
     step_size = t.batch_size * t.grad_accum * acc.num_processes
