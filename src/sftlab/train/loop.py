@@ -32,6 +32,7 @@ from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
 from ..models.load import attention_for
+from ..allocator import current as allocator
 from ..precision import describe as describe_precision, resolve as resolve_precision
 from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
@@ -389,7 +390,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         "processes": acc.num_processes, "device": str(acc.device), "precision": "bf16" if bf16 else "fp32",
         "data": data.report(cfg.task),
         "grad_accum": accum, "micro_batch_size": -(-step_size // (acc.num_processes * accum)),
-        "micro_batch_tokens": token_budget,
+        "micro_batch_tokens": token_budget, "allocator": allocator(),
         "skipped_steps": state["skipped_steps"],
     }
     if torch.cuda.is_available():
