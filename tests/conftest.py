@@ -61,6 +61,26 @@ def model_pair(model_dir, task="classification", attention="sdpa"):
     return a, b
 
 
+def assert_same_logits_and_grads(reference, patched) -> None:
+    """On a padded batch in train mode (the tiny model has no dropout, so it is deterministic): logits equal and every
+    parameter's gradient equal (or absent on both)."""
+    import torch
+
+    ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[3, 2:] = 0
+    for m in (reference, patched):
+        m.train()
+        m(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
+    torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits,
+                               reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(reference.named_parameters(), patched.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def best_weights_per_setting(overrides: list[str], tmp_path: Path, key: str, values: list[str]) -> list[dict]:
     """Train once per `key=value` (one epoch, in-process, through `sftlab.train` as users call it) and return each
     run's best/ weights."""

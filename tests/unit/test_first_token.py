@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import model_pair
+from tests.conftest import assert_same_logits_and_grads, model_pair
 
 
 _pair = model_pair
@@ -17,20 +17,7 @@ def test_patched_logits_and_gradients_equal_full_block(tiny_model_dir, attention
 
     full, fast = _pair(tiny_model_dir, task, attention)
     assert enable_first_token_last_layer(fast)
-    ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[3, 2:] = 0
-    for m in (full, fast):
-        m.train()  # the tiny model has no dropout: train mode is deterministic
-        m(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
-    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits,
-                               full(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(full.named_parameters(), fast.parameters()):
-        if p.grad is None:
-            assert q.grad is None, name
-        else:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_logits_and_grads(full, fast)
 
 
 def test_models_the_probe_rejects_stay_unpatched(tiny_model_dir, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import best_weights_per_setting, model_pair
+from tests.conftest import assert_same_logits_and_grads, best_weights_per_setting, model_pair
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,16 +31,7 @@ def test_patched_logits_and_gradients_equal_unpatched(tiny_model_dir, attention,
     assert enable_fused_attention(fused) == 2  # both blocks
     if first_token:
         assert enable_first_token_last_layer(fused)
-    ids, mask = _batch()
-    for m in (ref, fused):
-        m.train()  # the tiny model has no dropout: train mode is deterministic
-        m(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
-    torch.testing.assert_close(fused(input_ids=ids, attention_mask=mask).logits,
-                               ref(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
-        assert (p.grad is None) == (q.grad is None), name
-        if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_logits_and_grads(ref, fused)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])

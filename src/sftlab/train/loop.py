@@ -97,7 +97,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length),
     )
-    if t.fused_attention and cfg.task in ("classification", "regression") and cfg.strategy.name != "prefix_tuning":
+    if t.fused_attention and cfg.task in ("classification", "regression"):  # prefix tuning's cache takes the class path
         from ..models.fused_attention import enable_fused_attention
 
         enable_fused_attention(model)
