@@ -51,9 +51,9 @@ def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
     return Encoded(ids, types, [e.label for e in examples], len(long_rows))
 
 
-def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence in this batch (dynamic padding)."""
-    width = max(len(data.input_ids[i]) for i in indices)
+def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in this batch (dynamic padding), rounded up to `multiple`."""
+    width = padded_width(max(len(data.input_ids[i]) for i in indices), multiple)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)
     types = torch.zeros((len(indices), width), dtype=torch.long) if data.token_type_ids is not None else None
@@ -70,6 +70,10 @@ def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) ->
         dtype = torch.float32 if regression else torch.long
         batch["labels"] = torch.tensor([data.labels[i] for i in indices], dtype=dtype)
     return batch
+
+
+def padded_width(longest: int, multiple: int) -> int:
+    return -(-longest // multiple) * multiple
 
 
 def step_batches(lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
@@ -91,7 +95,7 @@ def step_batches(lengths: list[int], step_size: int, seed: int, epoch: int, grou
 def micro_batches(step: list[int], lengths: list[int], world: int, rank: int, accum: int,
                   max_tokens: int | None = None) -> list[list[int]]:
     """This rank's micro-batches of one step batch (similar lengths together; may be fewer than accum).
-    `max_tokens`: a micro-batch whose padded size (rows x longest row) would exceed it is cut into several, so
+    `max_tokens`: a micro-batch whose padded size (rows x longest row) would exceed it is cut into equal pieces, so
     that a few long examples do not set the run's peak activation memory; the step's loss and gradient are the
     same sums either way (the loop divides by the step's units)."""
     ordered = sorted(step, key=lambda i: -lengths[i])
@@ -101,16 +105,22 @@ def micro_batches(step: list[int], lengths: list[int], world: int, rank: int, ac
     if not max_tokens:
         return chunks
     out = []
-    for chunk in chunks:  # longest first, so each piece's first row sets its width
-        start = 0
-        while start < len(chunk):
-            rows = max(1, max_tokens // max(1, lengths[chunk[start]]))
-            out.append(chunk[start : start + rows])
-            start += rows
+    for chunk in chunks:  # longest first: the first row sets the padded width of the chunk and of its first piece
+        # The fewest equal pieces that fit the budget (a piece may exceed it by less than one row): equal sizes keep
+        # the set of batch shapes small, and bf16 CPU matmuls cache a kernel per shape (config pad_to_multiple_of).
+        pieces = -(-len(chunk) * max(1, lengths[chunk[0]]) // max_tokens)
+        size = -(-len(chunk) // pieces)
+        out += [chunk[k : k + size] for k in range(0, len(chunk), size)]
     return out
 
 
-def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Length-sorted batches for inference (order restored by the caller)."""
+def eval_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Length-sorted batches for inference (order restored by the caller), each at most `batch_size` rows and,
+    given `max_tokens`, at most that many padded tokens (rows x longest row; one row always fits)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out, start = [], 0
+    while start < len(order):  # longest first, so each batch's first row sets its width
+        rows = min(batch_size, max(1, max_tokens // max(1, lengths[order[start]]))) if max_tokens else batch_size
+        out.append(order[start : start + rows])
+        start += rows
+    return out

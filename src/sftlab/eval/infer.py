@@ -12,16 +12,18 @@ from ..registry import objectives
 
 
 @torch.no_grad()
-def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: int, device, bf16: bool):
-    """Returns (logits [N, C] float32 in input order, mean loss or None)."""
+def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: int, device, bf16: bool,
+                   max_tokens: int | None = None, pad_multiple: int = 1):
+    """Returns (logits [N, C] float32 in input order, mean loss or None). `max_tokens` caps a batch's padded
+    tokens (eval_batches); `pad_multiple` rounds each batch's width up (collate)."""
     was_training = model.training
     model.eval()
     objective = objectives.get(task)
     out: list[np.ndarray | None] = [None] * len(data)
     total, labelled = 0.0, data.labels[0] is not None if len(data) else False
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for idx in eval_batches(data.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate(data, idx, pad_id, task == "regression").items()}
+    for idx in eval_batches(data.lengths, batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate(data, idx, pad_id, task == "regression", pad_multiple).items()}
         with autocast:
             if labelled:
                 loss, logits = objective(model, batch)

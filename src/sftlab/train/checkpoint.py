@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,29 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors.torch.save_file, streamed: each tensor's bytes go to the file from its own memory. save_file
+    first copies every tensor into one bytes object, which for the optimizer state (2x the model) raised
+    minilm-l6's peak RSS by ~46 MB at the end-of-run checkpoint. Same format (read back with load_file)."""
+    header, offset, items = {}, 0, sorted(tensors.items())
+    for name, t in items:
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for _, t in items:
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -82,7 +106,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     opt_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     meta = dict(state, step=step, param_groups=groups, scheduler=scheduler.state_dict(), rng=rng_meta)

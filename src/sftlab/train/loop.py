@@ -33,7 +33,7 @@ from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
 from ..models.load import attention_for
 from ..allocator import current as allocator
-from ..precision import describe as describe_precision, resolve as resolve_precision
+from ..precision import describe as describe_precision, pad_multiple, resolve as resolve_precision
 from ..registry import objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
@@ -122,15 +122,17 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     objective = objectives.get(cfg.task)
     causal = cfg.task == "causal_lm"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    multiple = pad_multiple(t.pad_to_multiple_of, bf16, acc.device)
     if causal:
         collate_fn = lambda data, idx: collate_lm(data, idx, pad_id)  # noqa: E731
     else:
-        collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression")  # noqa: E731
+        collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression", multiple)  # noqa: E731
 
     lengths = train_data.lengths
     token_budget = t.micro_batch_tokens
     if token_budget == "auto":  # the typical batch's padded size; only outliers get cut
         token_budget = t.batch_size * max(1, int(np.percentile(lengths, 90))) if lengths else None
+    eval_tokens = 4 * token_budget if token_budget else None  # no activations kept for backward: ~4x the tokens
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
     # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
     weights = train_data.weights if causal else [1] * len(train_data)
@@ -180,7 +182,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             return lm_scores(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
                              bf16=bf16)
         logits, loss = predict_logits(raw_model, encoded, cfg.task, batch_size=t.eval_batch_size, pad_id=pad_id,
-                                      device=acc.device, bf16=bf16)
+                                      device=acc.device, bf16=bf16, max_tokens=eval_tokens, pad_multiple=multiple)
         return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
 
     def refuse_nonfinite() -> None:
@@ -390,7 +392,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         "processes": acc.num_processes, "device": str(acc.device), "precision": "bf16" if bf16 else "fp32",
         "data": data.report(cfg.task),
         "grad_accum": accum, "micro_batch_size": -(-step_size // (acc.num_processes * accum)),
-        "micro_batch_tokens": token_budget, "allocator": allocator(),
+        "micro_batch_tokens": token_budget, "pad_to_multiple_of": multiple, "allocator": allocator(),
         "skipped_steps": state["skipped_steps"],
     }
     if torch.cuda.is_available():
