@@ -158,10 +158,10 @@ class TrainConfig(_Section):
     minilm-l6: 864 tokens, peak RSS -90 MB at the same speed; packed LM rows are all near max_length, so nothing is
     cut there); null: never cut."""
     pad_to_multiple_of: int | Literal["auto"] = "auto"
-    """Round each batch's padded length up to a multiple of this. auto: 4 where bf16 autocast runs on a CPU, else 1.
-    Why: oneDNN builds and caches a kernel per bf16 matmul shape (~0.3 MB each, up to 1,024); dynamic padding's
-    ~50 distinct widths per run filled that cache, +400 MB peak RSS on SST-2 / minilm-l6. Widths in steps of 4 cut
-    it to ~170 MB at the same speed (docs/performance.md). fp32 CPU matmuls (MKL) and CUDA keep no such cache."""
+    """Round each batch's padded length up to a multiple of this. auto: 3 where bf16 autocast runs on a CPU, else 1.
+    Why: oneDNN builds and caches kernels per bf16 matmul shape (~7 MB per batch shape, up to 1,024 kernels);
+    dynamic padding's 44 batch shapes on SST-2 / minilm-l6 cost ~350 MB of peak RSS. Steps of 3 make 19 shapes
+    for 8% more padded tokens (docs/performance.md). fp32 CPU matmuls (MKL) and CUDA keep no such cache."""
     eval_batch_size: int = 128
     """Examples per forward pass in evaluation and prediction. During training an evaluation batch also holds at
     most 4x the micro-batch token budget (no activations are kept for backward), so the dev pass does not set the

@@ -58,11 +58,11 @@ def cpu_bf16_speedup(reps: int = 5) -> float:
 
 
 def pad_multiple(setting: int | str, bf16: bool, device: torch.device | str) -> int:
-    """`pad_to_multiple_of` resolved: auto is 4 for bf16 autocast on a CPU (oneDNN caches a kernel per matmul
+    """`pad_to_multiple_of` resolved: auto is 3 for bf16 autocast on a CPU (oneDNN caches a kernel per matmul
     shape, so fewer distinct widths mean less memory; see config.TrainConfig.pad_to_multiple_of), else 1."""
     if setting != "auto":
         return int(setting)
-    return 4 if bf16 and torch.device(device).type == "cpu" else 1
+    return 3 if bf16 and torch.device(device).type == "cpu" else 1
 
 
 def describe(bf16: bool, precision: str) -> str:
