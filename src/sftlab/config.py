@@ -152,8 +152,9 @@ class TrainConfig(_Section):
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step: a step sees batch_size x grad_accum x processes examples."""
     micro_batch_tokens: int | Literal["auto"] | None = "auto"
-    """Cut a micro-batch whose padded size (rows x longest row, in tokens) would exceed this into several: the few
-    long examples then stop setting the run's peak activation memory. Same loss and gradient sums per step (float
+    """Cut a micro-batch whose padded size (rows x longest row, in tokens) would exceed this into the fewest equal
+    pieces within it (one may exceed it by less than a row): the few long examples then stop setting the run's peak
+    activation memory. Same loss and gradient sums per step (float
     rounding and dropout draws aside). auto: batch_size x the 90th-percentile training-row length (SST-2 on
     minilm-l6: 864 tokens, peak RSS -90 MB at the same speed; packed LM rows are all near max_length, so nothing is
     cut there); null: never cut."""

@@ -134,14 +134,14 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(data, tmp_path, tm
 KILL_IN_SAVE = """
 import os, signal, sys
 import sftlab.train.checkpoint as ck
-real = ck.save_file
-def save_file(tensors, path, *a, **k):
+real = ck.save_tensors
+def save_tensors(tensors, path, *a, **k):
     real(tensors, path, *a, **k)
     if ".step-0000008.tmp" in path and "optimizer" in path:  # half-written, then a real SIGKILL
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-ck.save_file = save_file
+ck.save_tensors = save_tensors
 from sftlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
