@@ -154,10 +154,9 @@ class TrainConfig(_Section):
     micro_batch_tokens: int | Literal["auto"] | None = "auto"
     """Cut a micro-batch whose padded size (rows x longest row, in tokens) would exceed this into the fewest equal
     pieces within it (one may exceed it by less than a row): the few long examples then stop setting the run's peak
-    activation memory. Same loss and gradient sums per step (float
-    rounding and dropout draws aside). auto: batch_size x the 90th-percentile training-row length (SST-2 on
-    minilm-l6: 864 tokens, peak RSS -90 MB at the same speed; packed LM rows are all near max_length, so nothing is
-    cut there); null: never cut."""
+    activation memory. Same loss and gradient sums per step (float rounding and dropout draws aside). auto:
+    batch_size x the 90th-percentile training-row length (SST-2 on minilm-l6: 864 tokens, peak RSS -90 MB at the
+    same speed; packed LM rows are all near max_length, so nothing is cut there); null: never cut."""
     pad_to_multiple_of: int | Literal["auto"] = "auto"
     """Round each batch's padded length up to a multiple of this. auto: 3 where bf16 autocast runs on a CPU, else 1.
     Why: oneDNN builds and caches kernels per bf16 matmul shape (~7 MB per batch shape, up to 1,024 kernels);
