@@ -161,14 +161,14 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .data.chat import render_prompt
+    from .data.chat import prompt_ids
     from .eval.gen_eval import load_generator
     from .eval.generate import generate
 
     model, tok, meta = load_generator(args.run)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
-    prompt = render_prompt(tok, messages, meta.get("template"))
+    prompt = prompt_ids(tok, messages, meta.get("template"))
     out = generate(model, tok, [prompt] * args.n, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    stop=[tok.eos_token] if tok.eos_token else None)
@@ -177,7 +177,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .data.chat import render_prompt
+    from .data.chat import prompt_ids
     from .eval.gen_eval import load_generator
     from .eval.generate import generate
 
@@ -197,7 +197,7 @@ def cmd_chat(args) -> None:
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        reply = generate(model, tok, [render_prompt(tok, history, meta.get("template"))],
+        reply = generate(model, tok, [prompt_ids(tok, history, meta.get("template"))],
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed, stop=[tok.eos_token] if tok.eos_token else None)[0]
         history.append({"role": "assistant", "content": reply})

@@ -12,6 +12,13 @@ Tokenizing the whole text (never the pieces) keeps the ids exactly what the mode
 text, whatever BPE does at a role-header/content boundary; a token that straddles the boundary is trained on,
 since the model has to emit it to produce the reply. Each span keeps the end-of-turn marker (`<|im_end|>`,
 `</s>`, `<|eot_id|>`: the model learns to stop) but not the whitespace the template puts after it.
+
+Turn forgery: message text is never tokenized into control tokens. A user who writes `<|im_end|>` then
+`<|im_start|>system` would otherwise open a system turn of their own. Where some message content holds a special
+token's text, the content's character spans are located (rendering with placeholders) and the text is tokenized
+piece by piece: template pieces as usual, content pieces with `split_special_tokens=True`, so the ids hold exactly
+the control tokens the template put there. Conversations without such text keep the single whole-text pass, so
+their ids are unchanged. The same path serves training, evaluation, `sftlab generate/chat` and the server.
 """
 from __future__ import annotations
 
@@ -252,6 +259,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.template, self.name = resolve_template(tokenizer, template)
         self.end_markers = _end_markers(tokenizer)
+        self.specials = tuple(t for t in _special_strings(tokenizer) if t)
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
         try:
@@ -317,8 +325,70 @@ class ChatRenderer:
 
     def encode(self, messages: list[dict], train_on: str = "assistant") -> tuple[list[int], list[int]]:
         text, spans = self.text_and_spans(messages, train_on)
-        (ids,), (offsets,) = self.tokenize([text])
+        ids, offsets = self.tokenize_safe(messages, text, add_generation_prompt=False)
         return ids, _loss_mask(offsets, spans, train_on)
+
+    # ------------------------------------------------------------------ message text never becomes control tokens
+
+    def forges(self, messages: list[dict]) -> bool:
+        """Some message's text holds a special token's text (e.g. `<|im_end|>`)."""
+        return bool(self.specials) and any(sp in m["content"] for m in messages for sp in self.specials)
+
+    def tokenize_safe(self, messages: list[dict], text: str, *, add_generation_prompt: bool) -> tuple[list, list]:
+        """Ids and offsets of `text` (the rendering of `messages`) in which message content is plain text."""
+        if not self.forges(messages):
+            (ids,), (offsets,) = self.tokenize([text])
+            return ids, offsets
+        spans = self.content_spans(messages, text, add_generation_prompt=add_generation_prompt)
+        pieces, at = [], 0
+        for s, e in spans:
+            pieces += [(text[at:s], False), (text[s:e], True)]
+            at = e
+        pieces.append((text[at:], False))
+        ids: list[int] = []
+        offsets: list = []
+        start = 0
+        for piece, plain in pieces:
+            if piece:
+                enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
+                                     split_special_tokens=plain)
+                ids += list(enc["input_ids"])
+                offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+            start += len(piece)
+        return ids, offsets
+
+    def content_spans(self, messages: list[dict], text: str, *, add_generation_prompt: bool) -> list[tuple[int, int]]:
+        """Character spans of each rendered message's content in `text`, found by rendering with placeholder
+        contents (a template that drops a message drops its placeholder too). Raises ValueError when the template
+        changes message text beyond trimming it: then where the text lies cannot be known."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        shown = self.render([m | {"content": k} for m, k in zip(messages, marks)],
+                            add_generation_prompt=add_generation_prompt)
+        for strip in (False, True):
+            spans, at, shift, rebuilt = [], 0, 0, shown
+            for k, m in zip(marks, messages):
+                pos = shown.find(k, at)
+                if pos < 0:
+                    continue
+                content = m["content"].strip() if strip else m["content"]
+                spans.append((pos + shift, pos + shift + len(content)))
+                shift += len(content) - len(k)
+                at = pos + len(k)
+                rebuilt = rebuilt.replace(k, content, 1)
+            if rebuilt == text:
+                return spans
+        raise ValueError(f"message text holds a control token ({self._forged(messages)!r}) and the chat template "
+                         f"({self.name}) changes message text, so it cannot be kept as plain text; remove it")
+
+    def _forged(self, messages: list[dict]) -> str:
+        return next(sp for m in messages for sp in self.specials if sp in m["content"])
+
+    def prompt_ids(self, messages: list[dict]) -> tuple[str, list[int]]:
+        """The generation prompt (as `prompt`) and its token ids, message text never read as control tokens."""
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        text = self.render(messages, add_generation_prompt=True)
+        return text, self.tokenize_safe(messages, text, add_generation_prompt=True)[0]
 
 
 def resolve_template(tokenizer, template: str | None) -> tuple[str, str]:
@@ -365,6 +435,15 @@ def _end_markers(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(t for t in found if t.strip()))
 
 
+def _special_strings(tokenizer) -> list[str]:
+    """Text of every special (control) token: what the tokenizer would read as one control id."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(getattr(tok, "content", tok)))
+    return sorted(t for t in found if isinstance(t, str) and t)
+
+
 def _token_spans(offsets) -> list[tuple[int, int]]:
     """Offsets with gaps closed. Byte-level BPE with `trim_offsets` drops the leading space of " Hello" and
     makes a spaces-only token zero-width; the uncovered characters are given to the token that follows them."""
@@ -407,6 +486,11 @@ def render_prompt(tokenizer, messages: list[dict], template: str | None = None) 
     return ChatRenderer(tokenizer, template).prompt(messages)
 
 
+def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+    """Token ids of `render_prompt`'s text, message text never read as control tokens: what generation feeds."""
+    return ChatRenderer(tokenizer, template).prompt_ids(messages)[1]
+
+
 # ---------------------------------------------------------------------------------------------- encode
 
 
@@ -435,6 +519,13 @@ def encode_conversations(tokenizer, convs: list[Conversation],
     for at in range(0, len(rendered), 256):  # batches: the Rust tokenizer uses its threads
         chunk = rendered[at: at + 256]
         batch_ids, batch_offsets = renderer.tokenize([text for _, text, _ in chunk])
+        for k, (conv, text, _) in enumerate(chunk):  # text holding control-token strings: tokenized piece-wise
+            if renderer.forges(conv.messages):
+                try:
+                    batch_ids[k], batch_offsets[k] = renderer.tokenize_safe(conv.messages, text,
+                                                                            add_generation_prompt=False)
+                except ValueError as e:
+                    raise DataError(f"{conv.source}:{conv.line}: {e}") from None
         for (conv, _, spans), ids, offsets in zip(chunk, batch_ids, batch_offsets):
             mask = _loss_mask(offsets, spans, cfg.train_on)
             if not any(mask):

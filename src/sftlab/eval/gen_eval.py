@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ..config import DataConfig
-from ..data.chat import render_prompt, rows_to_conversations
+from ..data.chat import ChatRenderer, rows_to_conversations
 from ..data.columns import to_prompt_completion
 from ..data.examples import resolve_path
 from ..data.read import read_table
@@ -86,7 +86,8 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
             raise ConfigError("--icl-shots needs data.train (from --config or the run's config) to draw shots from")
         shots_pool = [{"prompt": c.messages[-2]["content"], "label": c.messages[-1]["content"]}
                       for c in conversations(dcfg, dcfg.train, dcfg.limit_train)]
-    prompts, refs = [], []
+    prompts, prompt_tokens, refs = [], [], []
+    renderer = ChatRenderer(tokenizer, template)
     for i, conv in enumerate(convs):
         history = conv.messages[:-1]
         if icl_shots:
@@ -96,10 +97,12 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
             system = [m for m in history if m["role"] == "system"]
             history = build_icl_messages([(s["prompt"], s["label"]) for s in shots], query,
                                          system=system[0]["content"] if system else None)
-        prompts.append(render_prompt(tokenizer, history, template))
+        text, ids = renderer.prompt_ids(history)
+        prompts.append(text)
+        prompt_tokens.append(ids)
         refs.append(conv.messages[-1]["content"])
     stop = [tokenizer.eos_token] if tokenizer.eos_token else None
-    preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+    preds = generate(model, tokenizer, prompt_tokens, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
                      bf16=bf16, progress=True, seed=seed, device=model.device)
     scores = generation_metrics(preds, refs, labels=labels)
     if not icl_shots:  # perplexity of the reference answers under the model (same prompts, no shots)

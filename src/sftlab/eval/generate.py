@@ -1,7 +1,8 @@
 """Batched text generation from rendered prompts: left padding, results in input order, stop strings cut.
 
 The prompts are already rendered (a chat template added any special tokens), so they are tokenized with
-`add_special_tokens=False`. Only the newly generated text comes back, cut at the first EOS / end-of-turn token
+`add_special_tokens=False`; chat prompts come as token ids (`ChatRenderer.prompt_ids`), so that message text is
+never read as control tokens (data/chat.py). Only the newly generated text comes back, cut at the first EOS / end-of-turn token
 and at the first stop string.
 
 Generation is defined by the arguments alone. transformers 5.x fills every generation parameter left unset from
@@ -25,10 +26,11 @@ from ..errors import ConfigError, DataError
 _KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, do_sample: bool = False,
+def generate(model, tokenizer, prompts: list[str] | list[list[int]], *, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None,
              batch_size: int = 16, device=None, bf16: bool = False, progress: bool = False) -> list[str]:
-    """Generates a continuation of each prompt; returns the new text only, in the order of `prompts`.
+    """Generates a continuation of each prompt (rendered text, or its token ids); returns the new text only, in
+    the order of `prompts`.
 
     Prompts are batched longest first (less padding) and left-padded, so every row's last prompt token sits in the
     last column and batched greedy output equals one-at-a-time greedy output. Sampling seeds `torch.manual_seed(seed
@@ -49,7 +51,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     stop = [s for s in (stop or []) if s]
     device = torch.device(device) if device is not None else _model_device(model)
 
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded_texts = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    encoded = [next(encoded_texts) if isinstance(p, str) else list(p) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise DataError(f"prompt {i} is empty after tokenization; generation needs at least one prompt token")

@@ -34,7 +34,7 @@ from .schemas import ChatRequest, ClassifyRequest, GenerateRequest
 from .settings import ServeSettings
 
 log = logging.getLogger("sftlab.serve")
-ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/classify": "POST", "/v1/generate": "POST",
+ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET", "/v1/classify": "POST", "/v1/generate": "POST",
           "/v1/chat/completions": "POST"}
 
 
@@ -46,6 +46,7 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
         source, precision=s.precision, batch_tokens=s.batch_tokens, threads=s.torch_threads)
     metrics = Metrics()
     rt: dict[str, Any] = {}
+    started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -101,6 +102,11 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
     async def health():
         return {"status": "ok", "task": backend.task}
 
+    @app.get("/v1/models", dependencies=auth)
+    async def models():  # OpenAI's model list: the one model this server runs
+        return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": started,
+                                            "owned_by": "sftlab", "task": backend.task}]}
+
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -122,8 +128,7 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
         return JSONResponse({"model": backend.name, "predictions": preds})
 
     async def prepare(messages: list[dict] | None, raw: str | None, max_new: int) -> list[int]:
-        prompt = raw if raw is not None else backend.render(messages)
-        return await asyncio.to_thread(backend.encode, prompt, max_new)
+        return await asyncio.to_thread(backend.encode, raw if raw is not None else messages, max_new)
 
     def job(ids, n, body, on_text=None):
         return partial(backend.generate, ids, max_new_tokens=n, temperature=body.temperature, top_p=body.top_p,
@@ -153,6 +158,8 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatRequest = Depends(json_body(ChatRequest))):
         need("generate", "/v1/chat/completions")
+        if (refused := body.unsupported()) is not None:
+            raise ApiError(422, refused, "unsupported")
         if len(body.messages) > s.max_messages:
             raise ApiError(413, f"{len(body.messages)} messages; at most {s.max_messages} (--max-messages)",
                            "payload_too_large")
@@ -193,7 +200,7 @@ def _warm_up(backend) -> None:
         if backend.kind == "classify":
             backend.predict([("warm up", None)])
         else:
-            backend.generate(backend.encode(backend.render([{"role": "user", "content": "hi"}]), 1), max_new_tokens=1)
+            backend.generate(backend.encode([{"role": "user", "content": "hi"}], 1), max_new_tokens=1)
     except Exception:  # noqa: BLE001 - a failing warm-up is logged; requests will show the error
         log.exception("warm-up call failed")
 
@@ -293,7 +300,7 @@ def json_body(model: type[BaseModel]):
         if not raw.strip():
             raise ApiError(400, "empty body; send a JSON object", "invalid_json")
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"), parse_int=_int, parse_constant=_no_constant)
         except UnicodeDecodeError as e:
             raise ApiError(400, f"body is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})",
                            "invalid_json") from None
@@ -301,6 +308,9 @@ def json_body(model: type[BaseModel]):
             raise ApiError(400, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}", "invalid_json") from None
         except RecursionError:
             raise ApiError(400, "invalid JSON: nested too deeply", "invalid_json") from None
+        bad = _first_bad_value(data)
+        if bad is not None:
+            raise ApiError(422, bad)
         if not isinstance(data, dict):
             raise ApiError(422, f"body must be a JSON object, got a JSON {type(data).__name__}")
         try:
@@ -309,6 +319,54 @@ def json_body(model: type[BaseModel]):
             raise ApiError(422, _readable(e.errors())) from None
 
     return parse
+
+
+class _HugeInt(str):
+    """An integer literal too long to be a number anything here could use (Python refuses past 4,300 digits)."""
+
+
+_MAX_INT_DIGITS = 40  # 2**64 has 20 digits; anything this long is out of every field's range
+
+
+def _int(s: str):
+    return _HugeInt(s) if len(s.lstrip("-")) > _MAX_INT_DIGITS else int(s)
+
+
+class _NonFinite(str):
+    """NaN / Infinity / -Infinity: Python's JSON reader takes them, JSON does not."""
+
+
+def _no_constant(name: str):
+    return _NonFinite(name)
+
+
+def _first_bad_value(data: Any, path: str = "") -> str | None:
+    """A message for the first value no field can take: an integer of hundreds of digits, or a string that is not
+    valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is valid JSON but cannot be encoded, so a
+    tokenizer fails on it). Checked before validation, so such a request never reaches a batch."""
+    if isinstance(data, _HugeInt):
+        return f"{path or 'body'}: integer of {len(data.lstrip('-'))} digits is out of range"
+    if isinstance(data, _NonFinite):
+        return f"{path or 'body'}: {data} is not a finite number; send a JSON number"
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"{path or 'body'}: not valid Unicode (lone surrogate {data[e.start]!a} at character {e.start}); "
+                    f"send UTF-8 text")
+        return None
+    if isinstance(data, dict):
+        for k, v in data.items():
+            at = f"{path}.{k}" if path else str(k)
+            if (msg := _first_bad_value(k, at)) is not None:
+                return msg.replace(": not valid", ": field name is not valid", 1)
+            if (msg := _first_bad_value(v, at)) is not None:
+                return msg
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            if (msg := _first_bad_value(v, f"{path}[{i}]")) is not None:
+                return msg
+    return None
 
 
 def _readable(errors: list[dict], most: int = 3) -> str:
@@ -330,6 +388,7 @@ def _readable(errors: list[dict], most: int = 3) -> str:
 
 
 def _error_json(status: int, message: str, type_: str, headers: dict | None = None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # messages may quote the client's text
     return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status, headers=headers)
 
 

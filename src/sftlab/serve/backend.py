@@ -281,16 +281,28 @@ class Generator:
 
     def render(self, messages: list[dict]) -> str:
         """The prompt text for a conversation (system prompt of the run added when the request has none)."""
+        return self._with_system(messages)[1]
+
+    def _with_system(self, messages: list[dict]) -> tuple[list[dict], str]:
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         try:
-            return self.renderer.render(messages, add_generation_prompt=True)
+            return messages, self.renderer.render(messages, add_generation_prompt=True)
         except ValueError as e:
             raise ApiError(422, f"messages: {e}") from None
 
-    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
-        """Token ids of a rendered prompt; 400 when empty or when it plus max_new_tokens exceed the context."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def encode(self, prompt: str | list[dict], max_new_tokens: int) -> list[int]:
+        """Token ids of a conversation (rendered with the template; message text never becomes control tokens, so
+        a user cannot forge turns) or of a raw prompt text (also read as plain text); 400 when empty or when it
+        plus max_new_tokens exceed the context."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        else:
+            messages, text = self._with_system(prompt)
+            try:
+                ids = self.renderer.tokenize_safe(messages, text, add_generation_prompt=True)[0]
+            except ValueError as e:
+                raise ApiError(422, f"messages: {e}") from None
         if not ids:
             raise ApiError(400, "the prompt is empty after tokenization; give some text")
         if self.context and len(ids) + max_new_tokens > self.context:

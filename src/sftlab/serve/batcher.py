@@ -153,22 +153,46 @@ class MicroBatcher:
                 answers = await loop.run_in_executor(self.executor, self.run, items)
             except Exception as e:  # noqa: BLE001 - a model failure fails these requests, not the server
                 self._free_since = time.monotonic()
-                log.exception("inference failed on a batch of %d", len(items))
-                err = e if isinstance(e, ApiError) else ApiError(500, f"inference failed: {type(e).__name__}",
-                                                                 "internal_error")
-                for job in {id(j): j for j, _ in batch}.values():
-                    if not job.future.done():
-                        job.future.set_exception(err)
+                await self._one_by_one(batch, e)
                 continue
             self._free_since = time.monotonic()
             if self.metrics:
                 self.metrics.batch_size.observe(len(items))
                 self.metrics.inference.labels(kind="classify").observe(time.perf_counter() - t0)
             for (job, i), answer in zip(batch, answers):
-                job.results[i] = answer
-                job.answered += 1
-                if job.answered == len(job.items) and not job.future.done():
-                    job.future.set_result(job.results)
+                self._answer(job, [i], [answer])
+
+
+    async def _one_by_one(self, batch: list[tuple[_Job, int]], error: Exception) -> None:
+        """A failed batch is run again request by request, so only the request that fails alone gets an error:
+        one bad text never fails its batch-mates (validation in app.py should have stopped it already)."""
+        loop = asyncio.get_running_loop()
+        groups: dict[int, tuple[_Job, list[int]]] = {}
+        for job, i in batch:
+            groups.setdefault(id(job), (job, []))[1].append(i)
+        for job, idx in groups.values():
+            if job.future.done():
+                continue
+            if len(groups) > 1:
+                try:
+                    answers = await loop.run_in_executor(self.executor, self.run, [job.items[i] for i in idx])
+                except Exception as e:  # noqa: BLE001
+                    error = e
+                else:
+                    self._answer(job, idx, answers)
+                    continue
+            log.error("inference failed on a request of %d texts: %r", len(job.items), error)
+            job.future.set_exception(error if isinstance(error, ApiError) else ApiError(
+                500, f"inference failed: {type(error).__name__}", "internal_error"))
+        self._free_since = time.monotonic()
+
+    @staticmethod
+    def _answer(job: _Job, idx: list[int], answers: list) -> None:
+        for i, answer in zip(idx, answers):
+            job.results[i] = answer
+            job.answered += 1
+        if job.answered == len(job.items) and not job.future.done():
+            job.future.set_result(job.results)
 
 
 class GenHandle:

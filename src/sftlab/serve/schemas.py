@@ -6,7 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# strict: JSON types as documented, never coerced ("3" is not 3, 1 is not true, 2.0 is not 2); floats take ints.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+# torch.manual_seed's range (negative seeds wrap around, as torch does)
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+# Below this a sampling temperature overflows float32 logits (scores / T -> inf -> NaN probabilities); 0 is greedy.
+MIN_TEMPERATURE = 1e-3
 
 
 def _kind(v: Any) -> str:
@@ -42,6 +47,13 @@ class ClassifyRequest(BaseModel):
         return [tuple(t) for t in v] if pairs else v
 
 
+def _temperature(v: float) -> float:
+    if 0 < v < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got {v:g}); tiny temperatures "
+                         f"overflow the logits - use 0 for deterministic output")
+    return v
+
+
 def _stop_list(v):
     if v is None:
         return []
@@ -60,10 +72,10 @@ class GenerateRequest(BaseModel):
     """The user's message (rendered with the model's chat template); with raw=true, text continued as-is."""
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
-    """0 = greedy (deterministic); > 0 samples."""
+    """0 = greedy (deterministic); >= 0.001 samples."""
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = []
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     raw: bool = False
     """true: no chat template, the prompt text is continued directly."""
     system: str | None = None
@@ -73,6 +85,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _stop(cls, v):
         return _stop_list(v)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temp(cls, v):
+        return _temperature(v)
 
 
 class ContentPart(BaseModel):
@@ -91,15 +108,16 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    """OpenAI chat completions. Fields this server does not use (user, logit_bias, ...) are ignored; fields whose
-    other values it cannot honour are validated (n must be 1)."""
+    """OpenAI chat completions. Fields that do not change the output (user, metadata, store, ...) are ignored;
+    fields that would change it are honoured or refused with a 422 that says so (app.py `UNSUPPORTED`): n must be
+    1; tools, response_format other than text, logprobs are not implemented."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -111,9 +129,37 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = []
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    # Declared so that a value which would change the answer is refused, never silently ignored (app.py).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, v):
         return _stop_list(v)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temp(cls, v):
+        return _temperature(v)
+
+    def unsupported(self) -> str | None:
+        """The first field asking for something this server does not do, as a 422 message; None when all is fine."""
+        if self.tools or self.functions:
+            return "tools: function/tool calling is not supported by this server; remove tools (and tool_choice)"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice: tool calling is not supported by this server; remove it"
+        if self.function_call not in (None, "none"):
+            return "function_call: function calling is not supported by this server; remove it"
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return ("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas); remove it or "
+                    "ask for the format in the prompt")
+        if self.logprobs not in (None, False) or self.top_logprobs not in (None, 0):
+            return "logprobs: token log-probabilities are not returned by this server; remove logprobs/top_logprobs"
+        return None
