@@ -216,7 +216,9 @@ def cmd_serve(args) -> None:
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
                              max_texts=args.max_texts, max_chars=args.max_chars, max_new_tokens=args.max_new_tokens,
                              max_queue_generate=args.max_queue_generate,
-                             max_body_bytes=args.max_body_bytes, threads=args.threads, precision=args.precision)
+                             max_body_bytes=args.max_body_bytes, threads=args.threads, precision=args.precision,
+                             max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
+                             header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s)
     serve(args.dir, settings)
 
 
@@ -360,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-chars", type=int, help="characters per text, prompt or message (default 20000)")
     v.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask (default 1024)")
     v.add_argument("--max-body-bytes", type=int, help="request body size limit (default 4 MiB)")
+    v.add_argument("--max-connections", type=int, help="open connections at once; more get 503 (default 256)")
+    v.add_argument("--max-header-bytes", type=int, help="request line + headers; more get 431 (default 32768)")
+    v.add_argument("--header-timeout-s", type=float, help="time to send the headers; over it 408 (default 10)")
+    v.add_argument("--body-timeout-s", type=float, help="time to send the body; over it 408 (default 10)")
     v.add_argument("--threads", type=int, help="torch threads for inference (default: all cores)")
     v.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                    help="classification passes: auto (default) = bf16 where this machine's bf16 matmuls are measured "

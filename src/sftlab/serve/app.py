@@ -77,7 +77,7 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
                   redirect_slashes=False, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.backend, app.state.settings, app.state.metrics, app.state.runtime = backend, s, metrics, rt
     _error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=set(ROUTES))  # outermost: sees every answer
     auth = [Depends(_bearer(s.token))]
 
@@ -424,10 +424,11 @@ def _error_handlers(app: FastAPI) -> None:
 
 class BodyLimit:
     """Pure ASGI: rejects a body over `max_bytes` with 413 - at once from Content-Length, or while counting the
-    chunks of a chunked body - then hands the (buffered) body to the app."""
+    chunks of a chunked body - and one not received within `timeout_s` with 408 (a half-sent body held a connection
+    for as long as the client liked), then hands the (buffered) body to the app."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = 10.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -436,8 +437,14 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_big(int(declared), scope, receive, send)
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                return await _error_json(408, f"request body not received within {self.timeout_s:g} s "
+                                              f"(--body-timeout-s)", "timeout", {"Connection": "close"})(
+                    scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -53,6 +53,16 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Request body size (Content-Length, or counted while streaming in for chunked bodies); more -> 413."""
 
+    max_connections: int = Field(256, ge=1)
+    """Open connections at once; one more is answered 503 and closed (each costs a socket and a buffer)."""
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    """Request line + headers of one request; more -> 431 and the connection closes."""
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Time to send the request line and headers (from connecting, or from the start of a keep-alive request);
+    over it -> 408 and close: a half-sent request does not hold a connection."""
+    body_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Time for the body to arrive once the headers are in (4 MB at the default --max-body-bytes); over it -> 408."""
+
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads of the inference thread (default: all cores). `sftlab serve` also makes idle OpenMP
     threads sleep rather than spin (OMP_WAIT_POLICY=PASSIVE unless set), so they do not starve the event loop."""
