@@ -23,7 +23,8 @@ def cmd_train(args) -> None:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, graceful_stop=True)
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, graceful_stop=True,
+                    force_resume=args.force_resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, one process prints the contract line
         print(run_dir)
 
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (see configs/), or - for overrides only")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--force-resume", action="store_true", help="resume even if the config names another task, "
+                                                               "model, data files or label set than the run's")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     t.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
     t.set_defaults(fn=cmd_train)

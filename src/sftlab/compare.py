@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import dump_config, load_config
 from .errors import ConfigError, RunDirError
 
 
@@ -61,11 +61,16 @@ def compare(config: str | None, strategies: list[str], overrides: list[str], set
             resume: bool = False) -> list[dict]:
     per = parse_sets(sets, strategies)
     # Validate every variant before hours of training: a typo fails now, with the key named.
-    for name in strategies:
-        load_config(config, overrides + [f"strategy.name={name}"] + per[name])
+    # A base config's lora options are not a mistake when the variant is full: each variant drops the options its
+    # strategy does not read, and its child trains that resolved config (OUT/variants/NAME.yaml).
+    variants = {name: dump_config(load_config(config, overrides + [f"strategy.name={name}"] + per[name],
+                                              foreign_options=True)) for name in strategies}
     if out.exists() and any(out.iterdir()) and not resume:
         raise RunDirError(f"--out {out} exists and is not empty; continue it with --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "variants").mkdir(exist_ok=True)
+    for name, text in variants.items():
+        (out / "variants" / f"{name}.yaml").write_text(text, encoding="utf-8")
     rows = []
     for i, name in enumerate(strategies, 1):
         run_dir = out / name
@@ -75,7 +80,7 @@ def compare(config: str | None, strategies: list[str], overrides: list[str], set
             print(f"  already finished; reusing {run_dir}/summary.json", file=sys.stderr)
             continue
         t0 = time.time()
-        code, peak = run_one(config, overrides + [f"strategy.name={name}"] + per[name], run_dir,
+        code, peak = run_one(str(out / "variants" / f"{name}.yaml"), [], run_dir,
                              resume and (run_dir / "config.yaml").is_file())
         if code != 0:
             rows.append({"strategy": name, "error": f"exit {code} after {time.time() - t0:.0f}s", "run_dir": str(run_dir)})

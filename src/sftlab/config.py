@@ -56,6 +56,18 @@ class DataConfig(_Section):
     @classmethod
     def _labels_as_text(cls, v):
         return [str(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, v):
+        if v is not None:
+            twice = sorted({x for x in v if v.count(x) > 1})
+            if twice:
+                raise ValueError(f"data.labels names {', '.join(map(repr, twice))} more than once; each class once, "
+                                 f"in id order")
+            if len(v) < 2:
+                raise ValueError(f"data.labels needs at least 2 classes, got {v}")
+        return v
     limit_train: int | None = None
     """Use only the first N valid training rows (file order)."""
     limit_dev: int | None = None
@@ -125,6 +137,11 @@ class StrategyConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
+        for key in sorted(self.model_fields_set):
+            owners = STRATEGY_OPTIONS.get(key)
+            if owners and self.name not in owners and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"strategy.{key}: not an option of strategy {self.name} (it belongs to "
+                                 f"{', '.join(owners)}); remove it, or set strategy.name to one of those")
         if self.r < 1:
             raise ValueError(f"strategy.r must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
@@ -140,6 +157,14 @@ class StrategyConfig(_Section):
         if self.name == "llrd" and self.layer_decay is None:
             self.layer_decay = 0.8
         return self
+
+
+# Which strategies read each option (others ignore it, so setting it there is a mistake). layer_decay: all.
+STRATEGY_OPTIONS = {
+    "r": ("lora", "dora"), "alpha": ("lora", "dora"), "dropout": ("lora", "dora"), "target_modules": ("lora", "dora"),
+    "k": ("top_k_layers",), "head": ("head_only",), "unfreeze_every": ("gradual_unfreezing",),
+    "num_virtual_tokens": ("prompt_tuning", "prefix_tuning"), "adapter_type": ("adapter",), "reduction": ("adapter",),
+}
 
 
 class TrainConfig(_Section):
@@ -249,6 +274,18 @@ class TrainConfig(_Section):
             raise ValueError(f"train.micro_batch_tokens must be >= 1, auto or null, got {self.micro_batch_tokens}")
         if self.epochs <= 0 and self.max_steps is None:
             raise ValueError("train.epochs must be > 0 (or set train.max_steps)")
+        for key in ("max_steps", "eval_every", "num_threads", "warmup_steps", "early_stopping_patience"):
+            v = getattr(self, key)
+            least = 0 if key == "warmup_steps" else 1
+            if v is not None and v < least:
+                raise ValueError(f"train.{key} must be >= {least}, got {v}; leave it unset (null) for "
+                                 + {"max_steps": "train.epochs to decide", "eval_every": "once per epoch",
+                                    "num_threads": "one thread per core", "warmup_steps": "warmup_ratio",
+                                    "early_stopping_patience": "no early stopping"}[key])
+        if {"warmup_steps", "warmup_ratio"} <= self.model_fields_set and self.warmup_steps is not None \
+                and self.warmup_ratio != type(self).model_fields["warmup_ratio"].default:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio ({self.warmup_ratio}) "
+                             f"are both set; keep one")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         return self
@@ -402,8 +439,21 @@ def read_yaml(path: str | Path, what: str) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (or nothing), apply overrides, validate. Relative data paths resolve against data.dir."""
+def drop_foreign_options(raw: dict) -> dict:
+    """`raw` without the strategy options its strategy does not read: for recipes that swap strategy.name over one
+    base config (`sftlab compare`, a search over strategies), where the base's lora `r` is not a mistake under full."""
+    section = raw.get("strategy")
+    if not isinstance(section, dict):
+        return raw
+    name = section.get("name", StrategyConfig.model_fields["name"].default)
+    kept = {k: v for k, v in section.items() if name in STRATEGY_OPTIONS.get(k, (name,))}
+    return raw | {"strategy": kept}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                foreign_options: bool = False) -> RunConfig:
+    """Read YAML (or nothing), apply overrides, validate. Relative data paths resolve against data.dir.
+    foreign_options: drop strategy options the chosen strategy does not read, instead of refusing them."""
     raw: dict[str, Any] = {}
     name = "run"
     if path is not None:
@@ -411,7 +461,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         name = Path(path).stem
     raw.pop("search", None)  # `sftlab tune`'s search space: the rest of the file trains as it is
     raw = _merge(raw, parse_overrides(overrides or []))
-    cfg = build_config(raw)
+    cfg = build_config(drop_foreign_options(raw) if foreign_options else raw)
     if "{" in cfg.output_dir:
         try:
             cfg.output_dir = cfg.output_dir.format(name=name, time=time.strftime("%Y%m%d-%H%M%S"))

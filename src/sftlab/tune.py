@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 
-from .config import RunConfig, build_config, dump_config, parse_overrides, read_yaml
+from .config import RunConfig, build_config, drop_foreign_options, dump_config, parse_overrides, read_yaml
 from .errors import ConfigError, SftlabError
 from .eval.metrics import LOWER_IS_BETTER
 
@@ -216,8 +216,8 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
         try:
             from .train.loop import train
 
-            cfg = build_config(_with(raw, {**params, "train.metric": metric, "train.progress": False,
-                                           "output_dir": str(run_dir)}))
+            cfg = build_config(drop_foreign_options(_with(raw, {**params, "train.metric": metric,
+                                                                "train.progress": False, "output_dir": str(run_dir)})))
             train(cfg, on_eval=on_eval)
         except SftlabError as e:
             _fail(trial, str(e))

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import sftlab.train.loop as loop
-from sftlab.config import StrategyConfig, TrainConfig, load_config
+from sftlab.config import StrategyConfig, TrainConfig
+from sftlab.config import load_config as _load_config
 from sftlab.errors import ConfigError
 from sftlab.eval.evaluate import load_trained
 from sftlab.models import load_model
@@ -28,6 +29,16 @@ from tests.conftest import crash_after_checkpoint, make_chats, make_rows, write_
 FAST = ["train.max_steps=3", "train.batch_size=8", "train.lr=1e-2", "train.precision=fp32", "train.progress=false",
         "train.num_threads=1", "strategy.r=4", "strategy.num_virtual_tokens=4", "strategy.reduction=4", "strategy.k=1"]
 R, N_VIRTUAL, REDUCTION, STEPS = 4, 4, 4, 3
+
+
+def lora_r(strategy: str) -> dict:
+    return {"r": R} if strategy in ("lora", "dora") else {}
+
+
+def load_config(path, overrides):
+    """FAST sets every strategy's options at once; each run keeps those of its own strategy (as `sftlab compare`)."""
+    return _load_config(path, overrides, foreign_options=True)
+
 PEFT = ("lora", "dora", "prompt_tuning", "prefix_tuning")
 SMALL = PEFT + ("adapter",)
 
@@ -338,7 +349,7 @@ def fresh(kind: str, path: Path):
 @pytest.mark.parametrize("strategy", ["full", "lora", "adapter"])
 def test_layer_decay_scales_lr_by_depth(tiny_model_dir, tiny_llama_dir, kind, strategy):
     model, task = fresh(kind, tiny_model_dir if kind == "enc" else tiny_llama_dir)
-    plan = apply_strategy(model, StrategyConfig(name=strategy, layer_decay=0.5, r=R), Context(task))
+    plan = apply_strategy(model, StrategyConfig(name=strategy, layer_decay=0.5, **lora_r(strategy)), Context(task))
     opt = build_optimizer(plan.model, TrainConfig(lr=1.0), layer_scale(plan, 0.5))
     lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     params = list(plan.model.named_parameters())
@@ -364,7 +375,7 @@ def test_fresh_adapter_is_the_base_function(tiny_model_dir, tiny_llama_dir, kind
     model, task = fresh(kind, path)
     batch = fixed_batch(kind, load_tokenizer(str(path)))
     before = logits(model, batch)
-    plan = apply_strategy(model, StrategyConfig(name=strategy, r=R), Context(task))
+    plan = apply_strategy(model, StrategyConfig(name=strategy, **lora_r(strategy)), Context(task))
     assert (logits(plan.model, batch) - before).abs().max().item() <= 1e-6
 
 
@@ -411,6 +422,8 @@ def test_decoder_without_biases_pooler_or_head(tiny_llama_dir, case):
     changes, message = DECODER_ERRORS[case]
     model = LlamaForCausalLM(AutoConfig.from_pretrained(tiny_llama_dir, **changes))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == bool(changes)
-    strategy = StrategyConfig(name=case.split("-")[0], head="mlp" if case.endswith("mlp") else "linear")
+    name = case.split("-")[0]
+    strategy = StrategyConfig(name=name, **({"head": "mlp" if case.endswith("mlp") else "linear"}
+                                            if name == "head_only" else {}))
     with pytest.raises(ConfigError, match=message):
         apply_strategy(model, strategy, Context("causal_lm"))

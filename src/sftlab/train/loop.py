@@ -39,7 +39,7 @@ from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, sparse_embedding_gradients
-from .rundir import open_run_dir, save_best
+from .rundir import check_labels, open_run_dir, save_best
 from .tracking import Tracker
 
 
@@ -48,18 +48,19 @@ def log(msg: str) -> None:
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False, on_eval=None,
-          graceful_stop: bool = False) -> Path:
+          graceful_stop: bool = False, force_resume: bool = False) -> Path:
     """Fine-tune as configured; returns the run directory (best model in RUN_DIR/best).
 
     `on_eval(step, scores) -> bool`, called after every dev evaluation (on every process); True stops the run
     there (after its checkpoint), as early stopping does: how `sftlab tune` prunes trials.
     `graceful_stop`: SIGTERM/SIGINT save a checkpoint at the next step boundary and return the run directory
-    without a summary, to be resumed (the CLI turns it on; in-process callers keep Ctrl-C a KeyboardInterrupt)."""
+    without a summary, to be resumed (the CLI turns it on; in-process callers keep Ctrl-C a KeyboardInterrupt).
+    `force_resume`: resume even where the config names another task, model, data or label set (rundir.py)."""
     with StopSignals(graceful_stop) as signals:
-        return _train(cfg, resume, overwrite, on_eval, signals)
+        return _train(cfg, resume, overwrite, on_eval, signals, force_resume)
 
 
-def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignals) -> Path:
+def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignals, force_resume: bool = False) -> Path:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -79,7 +80,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     set_seed(t.seed)
 
     # --- run directory, data, model --------------------------------------------------------------------
-    run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone)
+    run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare(cfg, tokenizer)
@@ -88,6 +89,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         if t.precision == "auto":
             log(describe_precision(bf16, t.precision))
     labels = data.labels.names if data.labels else None
+    check_labels(run_dir, labels, resume is not None, main, force_resume)
     train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
     step_size = t.batch_size * t.grad_accum * acc.num_processes
     steps_per_epoch = math.ceil(len(train_data) / step_size)

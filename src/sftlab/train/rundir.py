@@ -17,13 +17,22 @@ from ..config import RunConfig, dump_config
 from ..errors import RunDirError
 
 
-def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool, barrier=lambda: None) -> Path:
+# Settings that decide which model is trained on what: a resume that changes one would continue another run's
+# model on other data (or crash on a changed task). Refused unless --force-resume; other changes are listed.
+IDENTITY = (("task",), ("model", "name"), ("model", "from_scratch"), ("strategy", "name"), ("data", "dir"),
+            ("data", "train"), ("data", "text"), ("data", "text_pair"), ("data", "label"), ("data", "labels"),
+            ("data", "format"), ("data", "prompt"), ("data", "completion"), ("data", "label_words"))
+LABELS_FILE = "labels.json"  # the class names in id order the run's model was built with
+
+
+def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool, barrier=lambda: None,
+                 force_resume: bool = False) -> Path:
     """Every process checks, then (after `barrier`) the main one creates: no rank sees another's mkdir."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"--resume {resume}: not a run directory (no config.yaml)")
-        _warn_changes(run_dir, cfg)
+        _check_changes(run_dir, cfg, force_resume)
         return run_dir
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -44,19 +53,58 @@ def open_run_dir(cfg: RunConfig, resume, overwrite: bool, main: bool, barrier=la
     return run_dir
 
 
-def _warn_changes(run_dir: Path, cfg: RunConfig) -> None:
+def _check_changes(run_dir: Path, cfg: RunConfig, force: bool) -> None:
     import sys
 
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunDirError(f"--resume {run_dir}: config.yaml is unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise RunDirError(f"--resume {run_dir}: config.yaml is not a mapping; is this a run directory?")
     now = cfg.model_dump(mode="json")
+
+    def at(tree, key):
+        for part in key:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    fatal = [f"{'.'.join(k)}: {at(saved, k)!r} -> {at(now, k)!r}" for k in IDENTITY if at(saved, k) != at(now, k)]
+    if fatal and not force:
+        raise RunDirError(f"--resume {run_dir}: the config names another run ({'; '.join(fatal)}); resume with the "
+                          f"run's own config (sftlab train {run_dir / 'config.yaml'} --resume {run_dir}), start a new "
+                          f"run, or pass --force-resume to continue this model anyway")
     diffs = [
         f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}"
         for sec in ("model", "data", "strategy", "train")
         for k, v in now[sec].items()
-        if isinstance(saved.get(sec), dict) and saved[sec].get(k) != v
+        if isinstance(saved.get(sec), dict) and saved[sec].get(k) != v and (sec, k) not in IDENTITY
     ]
+    if fatal:
+        print(f"note: --force-resume: continuing with changed identity settings: {'; '.join(fatal)}", file=sys.stderr)
     if diffs:
         print(f"note: resuming with changed settings: {'; '.join(diffs)}", file=sys.stderr)
+
+
+def check_labels(run_dir: Path, labels: list[str] | None, resumed: bool, main: bool, force: bool = False) -> None:
+    """A fresh run records its label names; a resumed one must find the same (derived from data when data.labels is
+    unset, so a config check alone cannot see a changed label set). Runs older than the record: best/sftlab.json."""
+    file = run_dir / LABELS_FILE
+    if not resumed:
+        if main:
+            file.write_text(json.dumps(labels) + "\n", encoding="utf-8")
+        return
+    before = None
+    for source, key in ((file, None), (run_dir / "best" / "sftlab.json", "labels")):
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        before = data.get(key) if key and isinstance(data, dict) else data
+        break
+    if before is not None and labels is not None and list(before) != list(labels) and not force:
+        raise RunDirError(f"--resume {run_dir}: the run's model was built for labels {before} and the data now gives "
+                          f"{labels}; resume with the run's own data, or pass --force-resume")
 
 
 def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int, scores: dict) -> None:
