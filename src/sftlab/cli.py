@@ -63,7 +63,11 @@ def cmd_data_check(args) -> None:
     from .data.prepare import format_report, prepare
     from .models import load_tokenizer
 
+    from .models.load import check_model
+
     cfg = load_config(_config_path(args.config), args.overrides)
+    check_model(cfg.model.name, from_scratch=True, max_length=cfg.data.max_length,
+                trust_remote_code=cfg.model.trust_remote_code)
     data = prepare(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code))
     report = data.report(cfg.task)
     print(format_report(report))

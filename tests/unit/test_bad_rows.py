@@ -350,7 +350,8 @@ def test_data_check_reports_skipped_and_truncated(tmp_path, capsys, tiny_model_d
     assert main(argv + ["--json"]) == 0
     out, _ = capsys.readouterr()
     report = json.loads(out.splitlines()[-1])["train"]
-    assert report["rows"] == 11 and report["truncated"] == 1 and report["tokens"]["max"] == 16
+    # lengths before truncation (issue 15: they answer "what max_length do I need"): 30 words + [CLS] + [SEP]
+    assert report["rows"] == 11 and report["truncated"] == 1 and report["tokens"]["max"] == 32
     assert sum(report["skipped"].values()) == 1
     assert "skipped 1" in out and "truncated 1" in out
 

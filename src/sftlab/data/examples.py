@@ -62,6 +62,9 @@ def _column_getter(table: Table, ref: str | int, key: str):
         if ref >= len(table.columns):
             raise DataError(f"{table.source}: data.{key}={ref} but the file has {len(table.columns)} columns")
         idx = ref
+    elif table.columns.count(ref) > 1:
+        raise DataError(f"{table.source}: column {ref!r} (data.{key}) appears {table.columns.count(ref)} times in the "
+                        f"header; rename the copies, or name the column by its 0-based index")
     elif ref in table.columns:
         idx = table.columns.index(ref)
     else:
@@ -114,8 +117,9 @@ def _as_int(s: str) -> int | None:
 def _text(value: Any, key: str) -> str:
     if is_missing(value):
         raise ValueError(f"missing {key} (data.{key})")
-    if not isinstance(value, str):
-        value = str(value)
+    if not isinstance(value, str):  # a number or a list is not a text: the wrong column, or a broken export
+        kind = "a list" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(f"wrong type ({key} is {kind}, not text; data.{key} must name a column of strings)")
     if not value.strip():
         raise ValueError(f"empty {key} (data.{key})")
     return value

@@ -25,7 +25,7 @@ class Prepared:
         out = {}
         for name, split in self.splits.items():
             enc = self.encoded[name]
-            lengths = np.array(enc.lengths)
+            lengths = np.array(enc.raw_lengths or enc.lengths)  # before truncation: what max_length is needed
             info = {
                 "source": split.source,
                 "rows": len(split.examples),
@@ -72,11 +72,11 @@ def format_report(report: dict) -> str:
             continue
         extra = ", ".join(f"{k}={v}" for k, v in r.get("labels", r.get("target", {})).items())
         skipped = f", skipped {sum(r['skipped'].values())} {r['skipped']}" if r["skipped"] else ""
-        trunc = f", truncated {r['truncated']}" if r["truncated"] else ""
+        trunc = f", truncated {r['truncated']} (longer than data.max_length)" if r["truncated"] else ""
         t = r["tokens"]
         lines.append(
             f"{name}: {r['rows']} rows ({extra}){skipped}{trunc}; "
-            f"tokens p50={t['p50']} p90={t['p90']} p99={t['p99']} max={t['max']}  [{r['source']}]"
+            f"tokens p50={t['p50']} p90={t['p90']} p99={t['p99']} max={t['max']} (before truncation)  [{r['source']}]"
         )
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ Packaged models are pretrained weights that install from the package registry an
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from pathlib import Path
 
@@ -41,7 +42,68 @@ def resolve_model(name: str) -> str:
         return str(p)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"model.name: folder {name} not found; packaged models: {', '.join(PACKAGED)}")
+    known = [*PACKAGED, *PACKAGED_DECODERS]
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    if close or not _hub_reachable():
+        hint = f"did you mean {close[0]}?" if close else f"packaged models: {', '.join(known)}"
+        raise ConfigError(f"model.name: {name!r} is not a packaged model or a local folder"
+                          + ("" if close else " and the model hub cannot be reached (offline)") + f"; {hint}")
     return name  # a hub id; from_pretrained reports network errors
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# Learned position tables with the first (pad_token_id + 1) rows reserved (fairseq's offset): usable = table - 2.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer", "xlm-roberta-xl"}
+
+
+def check_model(name: str, *, from_scratch: bool = False, max_length: int | None = None,
+                trust_remote_code: bool = False) -> None:
+    """Before a run starts: a local folder must hold a tokenizer (else transformers builds a near-empty one and
+    every word trains as [UNK]) and weights (unless from scratch), and data.max_length must fit the model's
+    position table (else the first long batch crashes mid-run). Hub ids are left to from_pretrained."""
+    path = resolve_model(name)
+    p = Path(path)
+    if p.is_dir():
+        if not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"model.name: {name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                              f"save the model's tokenizer into it (tokenizer.save_pretrained(folder))")
+        if not from_scratch and not any((p / f).is_file() for f in WEIGHT_FILES):
+            raise ConfigError(f"model.name: {name} has no weights (model.safetensors or pytorch_model.bin); save the "
+                              f"model into it, or set model.from_scratch=true for random weights")
+    if max_length is None or not p.is_dir():
+        return
+    limit = positions(_hub_errors(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code))
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"data.max_length: {max_length} but {name} has {limit} positions; set data.max_length "
+                          f"to at most {limit}")
+
+
+def positions(config) -> int | None:
+    """Longest input the model's position embeddings allow (None: not known, e.g. unbounded rotary)."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(n, int):
+        return None
+    return n - 2 if getattr(config, "model_type", "") in OFFSET_POSITIONS else n
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Offline (HF_HUB_OFFLINE, or no answer from the hub within `timeout`): fail in seconds, not after a minute of
+    transformers' retries (issue 15 measured 53 s for a mistyped name)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    name, _, port = host.partition(":")
+    try:
+        with socket.create_connection((name, int(port or 443)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _hub_errors(name: str, fn, *args, **kwargs):

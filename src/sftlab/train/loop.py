@@ -31,7 +31,7 @@ from ..errors import ConfigError, RunDirError, TrainingError
 from ..eval.infer import lm_scores, predict_logits
 from ..eval.metrics import compute_metrics, is_better
 from ..models import load_model, load_tokenizer
-from ..models.load import attention_for
+from ..models.load import attention_for, check_model
 from ..allocator import current as allocator
 from ..precision import describe as describe_precision, pad_multiple, resolve as resolve_precision
 from ..registry import objectives
@@ -80,6 +80,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     set_seed(t.seed)
 
     # --- run directory, data, model --------------------------------------------------------------------
+    check_model(cfg.model.name, from_scratch=cfg.model.from_scratch, max_length=cfg.data.max_length,
+                trust_remote_code=cfg.model.trust_remote_code)  # before anything is written
     run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
