@@ -101,6 +101,14 @@ def cmd_eval(args) -> None:
         print(json.dumps(rows))
         return
 
+    from .export.runtime import read_export_meta
+
+    export_meta = read_export_meta(args.run)
+    if export_meta is not None and export_meta.get("task") != "causal_lm":  # an export folder of any format
+        from .export.predict import evaluate_export
+
+        print(json.dumps(evaluate_export(args.run, args.data, batch_size=args.batch_size, columns=_columns(args))))
+        return
     if _is_causal(args.run):
         from .eval.gen_eval import evaluate_generation
 
@@ -141,6 +149,13 @@ def cmd_predict(args) -> None:
     else:
         rows = predict_file(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
                             columns=_columns(args))
+    if args.out:
+        from pathlib import Path
+
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SftlabError(f"--out {args.out}: cannot create its folder ({e.strerror})") from None
     out = open(args.out, "x", encoding="utf-8") if args.out else sys.stdout
     ok = False
     try:
@@ -291,14 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_ in (("eval", cmd_eval, "metrics of a run's best model on a labelled file (JSON, last line)"),
                             ("predict", cmd_predict, "predictions with scores as JSONL")):
         e = sub.add_parser(name, help=help_)
-        e.add_argument("run", metavar="RUN_DIR", help="a run directory (or its best/ folder)"
-                       + ("; or an `sftlab export` folder" if name == "predict" else ""))
+        e.add_argument("run", metavar="RUN_DIR", help="a run directory (or its best/ folder), or an `sftlab export` "
+                                                      "folder")
         e.add_argument("--data", required=True, help="file to read (columns as in training unless overridden)")
         e.add_argument("--text"), e.add_argument("--text-pair"), e.add_argument("--label")
         e.add_argument("--batch-size", type=int, default=128)
-        e.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="auto (default): bf16 autocast where this machine's bf16 matmuls are faster, else fp32 "
-                            "(export folders always run as exported)")
+        e.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto" if name == "eval" else "fp32",
+                       help=("auto (default): bf16 autocast where this machine's bf16 matmuls are faster, else fp32"
+                             if name == "eval" else "fp32 (default: scores as trained, no bf16 rounding); bf16 or "
+                             "auto trade score precision for speed") + " (export folders always run as exported)")
         e.add_argument("--fp32", action="store_true", help="same as --precision fp32")
         if name == "eval":  # decoders: generation-based evaluation
             e.add_argument("--baselines", action="store_true",

@@ -41,7 +41,9 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict:
             "train.batch_size=8", "train.lr=3e-3", "train.precision=fp32",
             "train.progress=false", "train.num_threads=1", "train.tensorboard=false", "strategy.r=4",
             "strategy.reduction=4"]
-    out = {name: train(load_config(None, base + [f"strategy.name={name}", f"output_dir={root / name}"]))
+    # base sets lora's r and the adapter's reduction; each run keeps its own strategy's options (as compare does)
+    out = {name: train(load_config(None, base + [f"strategy.name={name}", f"output_dir={root / name}"],
+                                   foreign_options=True))
            for name in ("full", "lora", "dora", "adapter")}
     return out | {"dev": str(data["dev"]), "root": root}
 

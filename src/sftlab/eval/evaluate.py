@@ -1,6 +1,7 @@
 """`sftlab eval` and `sftlab predict`: the best model of a run on any file."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ..config import DataConfig
 from ..data.batches import encode
 from ..data.examples import LabelMap, load_split
-from ..errors import RunDirError
+from ..errors import RunDirError, SftlabError
 from ..models import load as _quiet_loads  # noqa: F401  (turns off transformers progress bars)
 from .infer import predict_logits
 from .metrics import compute_metrics
@@ -33,24 +34,44 @@ def find_model_dir(path: str | Path) -> Path:
 def load_trained(path, device=None):
     """(model, tokenizer, sftlab.json meta) of a run's best model: a full HF folder or a peft adapter + base."""
     model_dir = find_model_dir(path)
-    meta = json.loads((model_dir / "sftlab.json").read_text())
-    auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
-    if meta.get("adapter") == "bottleneck":
-        from ..strategies.adapter import load_adapter
+    try:
+        meta = json.loads((model_dir / "sftlab.json").read_text(encoding="utf-8"))
+        task = meta["task"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{model_dir / 'sftlab.json'}: unreadable ({type(e).__name__}: {e}); the run did not "
+                          f"finish writing it: retrain, or restore the folder") from None
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    with loading(model_dir):
+        if meta.get("adapter") == "bottleneck":
+            from ..strategies.adapter import load_adapter
 
-        model = load_adapter(_quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta)), model_dir)
-    elif meta.get("adapter"):  # peft (saved as `true` before bottleneck adapters existed)
-        from peft import PeftModel
+            model = load_adapter(_quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta)), model_dir)
+        elif meta.get("adapter"):  # peft (saved as `true` before bottleneck adapters existed)
+            from peft import PeftModel
 
-        base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
-        model = PeftModel.from_pretrained(base, model_dir)
-    else:
-        model = auto.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
+            model = PeftModel.from_pretrained(base, model_dir)
+        else:
+            model = auto.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device or default_device()).eval()
     return model, tokenizer, meta
+
+
+@contextlib.contextmanager
+def loading(folder: Path):
+    """Weights or tokenizer files that do not load (truncated by a full disk or a killed copy, corrupt, missing)
+    are one line naming the folder, not a safetensors/transformers traceback."""
+    try:
+        yield
+    except SftlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, transformers and peft raise many types for a bad file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise RunDirError(f"{folder}: the saved model does not load ({type(e).__name__}: {first}); the files may be "
+                          f"truncated or corrupt: retrain, or restore them") from None
 
 
 def _quiet(fn, *args, **kwargs):

@@ -30,16 +30,35 @@ def load_generator(target: str, device=None):
 
     p = Path(target)
     if (p / "best" / "sftlab.json").is_file() or (p / "sftlab.json").is_file():
-        return load_trained(target, device=device)
+        model, tokenizer, meta = load_trained(target, device=device)
+        if meta["task"] != "causal_lm":
+            raise ConfigError(f"{target}: a {meta['task']} model, not a decoder; generation needs a causal_lm run "
+                              f"(use `sftlab predict {target} --data FILE` for this one)")
+        return model, tokenizer, meta
     from transformers import AutoModelForCausalLM
 
     from ..models import load_tokenizer, resolve_model
+    from .evaluate import default_device, loading
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(target))
-    from .evaluate import default_device
-
+    meta = {"task": "causal_lm", "template": None, "system_prompt": None}
+    export = p / "sftlab_export.json"
+    if export.is_file():  # an `sftlab export` folder of a decoder: its template and system prompt
+        try:
+            meta |= {k: v for k, v in json.loads(export.read_text(encoding="utf-8")).items() if k in meta}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{export}: unreadable ({e})") from None
+        if meta["task"] != "causal_lm":
+            raise ConfigError(f"{target}: a {meta['task']} export, not a decoder; generation needs a causal_lm model "
+                              f"(use `sftlab predict {target} --data FILE` for this one)")
+    path = resolve_model(target)
+    with loading(Path(path)):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        except ValueError as e:  # an encoder's config: "Unrecognized configuration class ... for AutoModelForCausalLM"
+            raise ConfigError(f"{target}: not a causal LM ({str(e).splitlines()[0][:160]}); generation needs a "
+                              f"decoder") from None
     model.to(device or default_device()).eval()
-    return model, load_tokenizer(target), {"task": "causal_lm", "template": None, "system_prompt": None}
+    return model, load_tokenizer(target), meta
 
 
 def data_config(target: str, config: str | None) -> DataConfig:

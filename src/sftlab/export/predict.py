@@ -41,6 +41,42 @@ def predict_rows(folder: str | Path, data: str, *, batch_size: int = 32, columns
             bar.update(len(chunk))
 
 
+def evaluate_export(folder: str | Path, data: str, *, batch_size: int = 32, columns: dict | None = None) -> dict:
+    """`sftlab eval EXPORT_DIR --data FILE`: the metrics `sftlab eval RUN_DIR` gives, computed from the export's own
+    logits (onnx / int8 / hf / merged / peft), so an export is judged as it will serve."""
+    from ..config import DataConfig
+    from ..data.examples import LabelMap, load_split
+    from ..eval.metrics import compute_metrics
+    from .runtime import load_exported
+
+    exported = load_exported(folder)
+    meta = exported.meta
+    exported.batch_size = batch_size
+    layout = {k: v for k, v in (meta.get("columns") or {}).items() if v is not None}
+    dcfg = DataConfig(**(layout | {k: v for k, v in (columns or {}).items() if v is not None}))
+    labels = meta.get("labels")
+    split, _ = load_split(dcfg, data, meta["task"], LabelMap(labels) if labels else None)
+    examples = split.examples
+    parts = []
+    with tqdm(total=len(examples), desc="eval", unit="row", leave=False) as bar:
+        for start in range(0, len(examples), CHUNK):
+            chunk = examples[start: start + CHUNK]
+            pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
+            parts.append(np.asarray(exported.logits([e.text for e in chunk], pairs), dtype=np.float32))
+            bar.update(len(chunk))
+    logits = np.concatenate(parts)
+    y = np.array([e.label for e in examples])
+    if meta["task"] == "regression":
+        loss = float(np.mean((logits[:, 0] - y) ** 2))
+    else:
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        loss = float(-logp[np.arange(len(y)), y.astype(int)].mean())
+    return compute_metrics(meta["task"], logits, y) | {"loss": loss, "examples": len(examples),
+                                                       "skipped": sum(split.skipped.values()),
+                                                       "format": meta.get("format")}
+
+
 def _row(ex, logits: np.ndarray, task: str, labels: list[str] | None) -> dict:
     out = {"line": ex.line, "text": ex.text}
     if ex.text_pair is not None:

@@ -116,15 +116,24 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 def read_export_meta(path: str | Path) -> dict | None:
+    """sftlab_export.json of an export folder; None for anything else; one line when it is unreadable."""
     f = Path(path) / EXPORT_META
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{f}: unreadable ({e}); export the run again") from None
+    if not isinstance(meta, dict) or meta.get("task") not in ("classification", "regression", "causal_lm"):
+        raise ExportError(f"{f}: not an sftlab export description (no valid 'task'); export the run again")
+    return meta
 
 
 def load_exported(path: str | Path, *, threads: int | None = None, device=None):
     """An `Exported` (or `DecoderExported`) for an export folder of any format, or for a run directory."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..eval.evaluate import _head_kwargs, _quiet, load_trained
+    from ..eval.evaluate import _head_kwargs, _quiet, load_trained, loading
 
     p = Path(path)
     meta = read_export_meta(p)
@@ -135,17 +144,18 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
         fmt = meta.get("format")
         if fmt not in FORMATS:
             raise ExportError(f"{p / EXPORT_META}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-        tokenizer = AutoTokenizer.from_pretrained(p)
-        if fmt in ("onnx", "int8"):
-            return OrtExported(meta, tokenizer, ort_session(p / ONNX_FILE, threads))
-        auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
-        if fmt == "peft":
-            from peft import PeftModel
+        with loading(p):
+            tokenizer = AutoTokenizer.from_pretrained(p)
+            if fmt in ("onnx", "int8"):
+                return OrtExported(meta, tokenizer, ort_session(p / ONNX_FILE, threads))
+            auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
+            if fmt == "peft":
+                from peft import PeftModel
 
-            base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
-            model = PeftModel.from_pretrained(base, p)
-        else:
-            model = auto.from_pretrained(p)
+                base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
+                model = PeftModel.from_pretrained(base, p)
+            else:
+                model = auto.from_pretrained(p)
         model.to(device or "cpu")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
