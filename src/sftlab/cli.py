@@ -242,6 +242,45 @@ def cmd_serve(args) -> None:
     serve(args.dir, settings)
 
 
+def cmd_env(args) -> None:
+    """What a bug report needs: versions, threads, bf16, packaged models, cache paths (JSON with --json)."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .models.load import PACKAGED
+    from .models.packaged import PACKAGED_DECODERS, cache_root
+    from .precision import bf16_faster
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    packaged = {name: version(pip) is not None for name, (_, _, pip) in {**PACKAGED, **PACKAGED_DECODERS}.items()}
+    info = {
+        "sftlab": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "packages": {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "tokenizers",
+                                             "safetensors", "optuna", "fastapi", "uvicorn", "onnxruntime")},
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(), "bf16_faster_than_fp32": bf16_faster("cuda" if torch.cuda.is_available()
+                                                                               else "cpu"),
+        "packaged_models_installed": packaged, "cache": str(cache_root()),
+        "data_dir": os.environ.get("SFTLAB_DATA_DIR"), "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+    }
+    if args.json:
+        print(json.dumps(info))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v if v not in (None, True, False) else {None: '-', True: 'yes', False: 'no'}[v]}"
+                              for k, v in value.items())
+        print(f"{key}: {value}")
+
+
 def cmd_report(args) -> None:
     from .report import build_report
 
@@ -262,8 +301,14 @@ def _col(v):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of pretrained language models.")
+    p.add_argument("--version", action="version", version=f"sftlab {__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
+    n = sub.add_parser("env", help="versions, threads, bf16 support, packaged models installed, cache paths")
+    n.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    n.set_defaults(fn=cmd_env)
 
     t = sub.add_parser("train", help="fine-tune as a config says; prints the run directory last")
     t.add_argument("config", help="YAML config (see configs/), or - for overrides only")

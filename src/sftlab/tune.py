@@ -50,6 +50,23 @@ def _with(raw: dict, values: dict) -> dict:
     return out
 
 
+def default_space(raw: dict) -> dict:
+    """The space searched when the config has none: learning rate (log-uniform), batch size, warmup and weight
+    decay, as the HF Trainer's default Optuna space does (lr 1e-6..1e-4 log, epochs, seed, batch size); here lr
+    spans 1e-5..1e-3 (LoRA and small models want more than full fine-tuning of a base model), and LoRA/DoRA also
+    search r and alpha. Epochs stay the config's: the pruner compares trials evaluation by evaluation."""
+    space = {"train.lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
+             "train.batch_size": {"choices": [8, 16, 32]},
+             "train.warmup_ratio": {"choices": [0.0, 0.06, 0.1]},
+             "train.weight_decay": {"choices": [0.0, 0.01, 0.1]}}
+    if isinstance(raw.get("train"), dict) and raw["train"].get("warmup_steps") is not None:
+        space["train.warmup_steps"] = space.pop("train.warmup_ratio") | {"choices": [0, 50, 100]}
+    strategy = (raw.get("strategy") or {}).get("name") if isinstance(raw.get("strategy"), dict) else None
+    if strategy in ("lora", "dora"):
+        space |= {"strategy.r": {"choices": [4, 8, 16, 32]}, "strategy.alpha": {"choices": [8, 16, 32, 64]}}
+    return space
+
+
 def check_space(search, raw: dict) -> dict:
     """Validate the `search:` section against the base config; returns {metric, direction, space}."""
     if not isinstance(search, dict):
@@ -166,9 +183,11 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
     if space_file:
         search = read_yaml(space_file, "--space")
         search = search["search"] if set(search) == {"search"} else search
-    if search is None:
-        raise ConfigError(f"{config or 'overrides'}: no search space; add a top-level search: section or pass --space")
     extra = parse_overrides(overrides)
+    if search is None:  # as the HF Trainer's hyperparameter_search: a documented default space
+        search = {"space": default_space(_merge(raw, extra))}
+        print(f"no search: section; searching the default space ({', '.join(search['space'])}; docs/tune.md)",
+              file=sys.stderr)
     if "search" in extra:
         raise ConfigError("search.* cannot be set by overrides; edit the search: section or pass --space FILE")
     raw = _merge(raw, extra)

@@ -183,7 +183,6 @@ def test_three_failures_in_a_row_stop_with_one_line(tiny_overrides, tmp_path, ca
      "search.metric: train.metric 'pearson'"),
     ({"direction": "minimize", "space": {"train.lr": {"low": 1e-5, "high": 1e-3}}}, "does not fit metric accuracy"),
     ({"spaces": {}}, "search.spaces: unknown key"),
-    (None, "no search space"),
 ])
 def test_space_errors_are_one_line(space, message, tiny_overrides, tmp_path, capsys):
     cfg, out = write_config(tmp_path, tiny_overrides, search=space), tmp_path / "tune"
@@ -245,3 +244,19 @@ def test_trial_0_is_the_config_as_written_and_train_accepts_the_tune_file(tiny_o
     assert first.params == {"train.lr": 1e-3, "train.batch_size": 8, "train.warmup_ratio": 0.06}
     assert first.user_attrs.get("default") is True
     assert load_config(str(cfg), []).train.lr == 1e-3  # `sftlab train` ignores the search: section
+
+
+def test_no_search_section_searches_the_default_space(tiny_overrides, tmp_path, capsys, monkeypatch):
+    """Issue 15: like the HF Trainer's hyperparameter_search, a config without search: gets a documented space."""
+    from sftlab.tune import default_space
+
+    monkeypatch.setattr(loop, "train", fake_train({}))
+    over = [o for o in tiny_overrides if not o.startswith("output_dir=")]
+    out = tmp_path / "t"
+    assert main(["tune", "-", "--trials", "2", "--out", str(out), *over]) == 0
+    assert "default space" in capsys.readouterr().err
+    trials = json.loads((out / "results.json").read_text())["trials"]
+    assert set(trials[0]["params"]) == {"train.lr", "train.batch_size", "train.warmup_ratio", "train.weight_decay"}
+    lora = default_space({"strategy": {"name": "lora"}})
+    assert {"strategy.r", "strategy.alpha"} <= set(lora) and lora["train.lr"]["log"] is True
+    assert "train.warmup_steps" in default_space({"train": {"warmup_steps": 10}})

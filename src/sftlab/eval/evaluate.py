@@ -140,7 +140,7 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
     split, _ = load_split(dcfg, data, meta["task"], labels)
     enc = encode(tokenizer, split.examples, meta["max_length"])
     logits, loss = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
-                                  device=model.device, bf16=bf16)
+                                  device=model.device, bf16=bf16, progress="eval")
     y = np.array(enc.labels)
     scores = compute_metrics(meta["task"], logits, y) | {"loss": loss}
     scores |= {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
@@ -165,7 +165,7 @@ def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dic
                           need_label=False)
     enc = encode(tokenizer, split.examples, meta["max_length"])
     logits, _ = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
-                               device=model.device, bf16=bf16)
+                               device=model.device, bf16=bf16, progress="predict")
     for ex, row in zip(split.examples, logits):
         out = {"line": ex.line, "text": ex.text}
         if ex.text_pair is not None:

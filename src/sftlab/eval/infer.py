@@ -13,15 +13,21 @@ from ..registry import objectives
 
 @torch.no_grad()
 def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: int, device, bf16: bool,
-                   max_tokens: int | None = None, pad_multiple: int = 1):
+                   max_tokens: int | None = None, pad_multiple: int = 1, progress: str | None = None):
     """Returns (logits [N, C] float32 in input order, mean loss or None). `max_tokens` caps a batch's padded
-    tokens (eval_batches); `pad_multiple` rounds each batch's width up (collate)."""
+    tokens (eval_batches); `pad_multiple` rounds each batch's width up (collate). `progress`: a bar on stderr
+    with this title (rows)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     objective = objectives.get(task)
     out: list[np.ndarray | None] = [None] * len(data)
     total, labelled = 0.0, data.labels[0] is not None if len(data) else False
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    bar = tqdm(total=len(data), desc=progress, unit="row", file=sys.stderr, leave=False, disable=progress is None)
     for idx in eval_batches(data.lengths, batch_size, max_tokens):
         batch = {k: v.to(device) for k, v in collate(data, idx, pad_id, task == "regression", pad_multiple).items()}
         with autocast:
@@ -32,6 +38,8 @@ def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: 
                 logits = model(**batch).logits.float()
         for row, i in zip(logits.cpu().numpy(), idx):
             out[i] = row
+        bar.update(len(idx))
+    bar.close()
     model.train(was_training)
     return np.stack(out), (total / len(data) if labelled else None)
 
