@@ -68,6 +68,9 @@ def test_lora_resume_equals_uninterrupted(chat_overrides, tmp_path, monkeypatch)
 
     wa, wb = last(ref), last(tmp_path / "part")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # issue 15: a LoRA checkpoint holds what trains (and buffers), not the frozen base
+    params = [k for k in wa if "rotary" not in k and "inv_freq" not in k]
+    assert params and all("lora_" in k for k in params), sorted(wa)[:5]
 
 
 def test_generate_and_generation_eval(chat_overrides, tmp_path, capsys):

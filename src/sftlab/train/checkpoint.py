@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import _remove_duplicate_names, load_file, load_model, save_file
 
+from ..errors import RunDirError
+
 MARKER = "COMPLETE"
 
 
@@ -53,9 +55,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
                 f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def save_model_streamed(model: torch.nn.Module, path: str) -> None:
-    """safetensors.torch.save_model (shared tensors stored once, the dropped names in the metadata), streamed."""
+def save_model_streamed(model: torch.nn.Module, path: str, keep: set[str] | None = None) -> None:
+    """safetensors.torch.save_model (shared tensors stored once, the dropped names in the metadata), streamed.
+    `keep`: only these state-dict names (what trains, and buffers)."""
     state = model.state_dict()
+    if keep is not None:
+        state = {k: v for k, v in state.items() if k in keep}
     metadata = {}
     for kept, dropped in _remove_duplicate_names(state).items():
         for name in dropped:
@@ -117,12 +122,16 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     tmp = root / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model_streamed(model, str(tmp / "model.safetensors"))
+    # Only what the optimizer can change (plus buffers): a LoRA run's frozen base is reloaded from model.name on
+    # resume, not copied into every checkpoint (issue 15: 557 MB per checkpoint for 4.9M trained parameters).
+    trained = _optimized_names(model, optimizer)
+    save_model_streamed(model, str(tmp / "model.safetensors"), trained)
     opt_tensors, groups = _optimizer_tensors(optimizer)
     save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    meta = dict(state, step=step, param_groups=groups, scheduler=scheduler.state_dict(), rng=rng_meta)
+    meta = dict(state, step=step, param_groups=groups, scheduler=scheduler.state_dict(), rng=rng_meta,
+                model_tensors="optimized")
     (tmp / "state.json").write_text(json.dumps(meta))
     for f in tmp.iterdir():
         with open(f, "rb+") as fh:
@@ -139,6 +148,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     return final
 
 
+def _optimized_names(model: torch.nn.Module, optimizer) -> set[str]:
+    """State-dict names of the parameters the optimizer holds (trainable now or later) and of every buffer."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in held}
+    return names | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
@@ -149,7 +165,14 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restores model, optimizer, scheduler and RNG in place; returns the loop state from state.json."""
     meta = json.loads((path / "state.json").read_text())
-    load_model(model, str(path / "model.safetensors"))
+    if meta.pop("model_tensors", None) == "optimized":  # frozen weights come from model.name, as at the start
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        stale = set(missing) & _optimized_names(model, optimizer)
+        if stale or unexpected:
+            raise RunDirError(f"{path}: checkpoint does not match the model (missing {sorted(stale)[:3]}, "
+                               f"unexpected {sorted(unexpected)[:3]})")
+    else:  # checkpoints written before: the whole model
+        load_model(model, str(path / "model.safetensors"))
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta.pop("param_groups"))
     scheduler.load_state_dict(meta.pop("scheduler"))
     set_rng_state(load_file(str(path / "rng.safetensors")), meta.pop("rng"))
