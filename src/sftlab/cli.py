@@ -98,6 +98,10 @@ def cmd_eval(args) -> None:
         rows = run_baselines(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
                              icl_shots=args.icl_shots or 4, labels_words=labels, limit=args.limit)
         _print_baselines(rows)
+        from .eval.baselines import flags
+
+        for line in flags(rows):
+            print(f"warning: {line}", file=sys.stderr)
         print(json.dumps(rows))
         return
 

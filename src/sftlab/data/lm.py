@@ -37,6 +37,13 @@ class LMEncoded:
         return [sum(t != IGNORE for t in row) for row in self.labels]
 
     @property
+    def row_examples(self) -> list[int]:
+        """Examples in each row: 1, or for a pack the number of examples packed into it (positions restart)."""
+        if self.position_ids is None:
+            return [1] * len(self.input_ids)
+        return [sum(1 for p in row if p == 0) for row in self.position_ids]
+
+    @property
     def truncated(self) -> int:
         return self.counts.get("truncated", 0)
 

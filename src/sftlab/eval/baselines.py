@@ -85,3 +85,26 @@ def run_baselines(run: str, data: str, *, batch_size: int = 128, bf16: bool = Tr
     write_json(out_file, table)
     print(f"baselines: {out_file}", file=sys.stderr)
     return rows
+
+
+PRIMARY = ("accuracy", "pearson", "label_accuracy", "exact_match", "rouge_l")
+NAMES = {"majority": "the majority class", "from_scratch": "the from-scratch twin", "zero_shot": "the base model "
+         "zero-shot"}
+
+
+def flags(rows: dict) -> list[str]:
+    """One line for each baseline the fine-tuned model does not beat on its primary metric (higher is better):
+    "no better than the majority class (accuracy 0.5100 vs 0.5100)"."""
+    tuned = rows.get("fine_tuned") if isinstance(rows, dict) else None
+    if not isinstance(tuned, dict):
+        return []
+    metric = next((m for m in PRIMARY if isinstance(tuned.get(m), (int, float))), None)
+    out = []
+    for name, row in rows.items():
+        if name == "fine_tuned" or not isinstance(row, dict) or not isinstance(row.get(metric), (int, float)):
+            continue
+        if tuned[metric] <= row[metric] + 1e-9:
+            who = NAMES.get(name) or (f"{name[4:].split('_')[0]}-shot in-context learning" if name.startswith("icl_")
+                                      else name)
+            out.append(f"fine-tuned model is no better than {who} ({metric} {tuned[metric]:.4f} vs {row[metric]:.4f})")
+    return out

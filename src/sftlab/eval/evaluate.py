@@ -131,13 +131,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None,
-                  analysis: bool = True) -> dict:
-    """Metrics of the run's best model on `data`; with `analysis`, the error analysis goes to
+                  analysis: bool = True, limit: int | None = None) -> dict:
+    """Metrics of the run's best model on `data` (its first `limit` valid rows: the report passes data.limit_dev so
+    the analysis is of the rows training scored); with `analysis`, the error analysis goes to
     RUN_DIR/analysis/<data stem>.json (see eval/analysis.py)."""
     model, tokenizer, meta = load_trained(run)
     dcfg = _data_config(Path(run), columns or {})
     labels = LabelMap(meta["labels"]) if meta["labels"] else None
-    split, _ = load_split(dcfg, data, meta["task"], labels)
+    split, _ = load_split(dcfg, data, meta["task"], labels, limit=limit)
     enc = encode(tokenizer, split.examples, meta["max_length"])
     logits, loss = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
                                   device=model.device, bf16=bf16, progress="eval")
@@ -150,7 +151,8 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
 
         texts = [ex.text if ex.text_pair is None else f"{ex.text} ||| {ex.text_pair}" for ex in split.examples]
         report = analyse(meta["task"], logits, y, texts, enc.lengths, meta["labels"])
-        write_json(target, report | {"data": str(data), "step": meta.get("step")})
+        write_json(target, report | {"data": str(data), "step": meta.get("step"), "limit": limit,
+                                     "examples": len(enc)})
         import sys
 
         print(f"error analysis: {target}", file=sys.stderr)

@@ -146,22 +146,23 @@ def _ensure_dev_analysis(run: Run) -> None:
         if existing is None:
             run.notes.append("no best model (best/sftlab.json), so no error analysis of the dev set")
         return
-    if isinstance(existing, dict) and existing.get("step") == run.meta.get("step"):
+    data_cfg = config_data(run.config)
+    limit = data_cfg.limit_dev if data_cfg else None  # the rows training scored: summary and analysis agree
+    if isinstance(existing, dict) and existing.get("step") == run.meta.get("step") and existing.get("limit") == limit:
         return
     from ..data.examples import resolve_path
     from ..eval.evaluate import evaluate_file
 
     # An absolute path when the file is found: evaluate_file then reads exactly this file whatever it
     # does with data.dir, and the analysis file name (the stem) is the same as for the configured path.
-    data_cfg = config_data(run.config)
     resolved = Path(resolve_path(data_cfg, dev)) if data_cfg else None
     target = str(resolved.resolve()) if resolved is not None and resolved.is_file() else dev
     bf16 = resolve_precision((run.config.get("train") or {}).get("precision", "auto"))
-    why = "" if existing is None else f" (the saved one is of step {existing.get('step')})"
+    why = "" if existing is None else f" (the saved one is of step {existing.get('step')}, limit {existing.get('limit')})"
     print(f"report: {run.name}: error analysis of the best model (step {run.meta.get('step')}) on {dev}{why}",
           file=sys.stderr)
     try:
-        evaluate_file(str(run.path), target, bf16=bf16, analysis=True)
+        evaluate_file(str(run.path), target, bf16=bf16, analysis=True, limit=limit)
     except (SftlabError, OSError) as e:
         run.notes.append(f"error analysis of {dev} failed: {e}")
 

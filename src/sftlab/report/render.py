@@ -144,7 +144,9 @@ def baseline_views(run: Run) -> list[dict]:
             continue
         names = sorted(rows, key=order)
         keys = metric_keys(rows.values()) + ["examples"]
-        views.append({"data": data, "head": ["model"] + keys,
+        from ..eval.baselines import flags
+
+        views.append({"data": data, "head": ["model"] + keys, "flags": flags(rows),
                       "rows": [[cell(label(n, rows[n]))] + [cell(rows[n].get(k)) for k in keys] for n in names]})
     return views
 

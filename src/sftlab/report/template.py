@@ -107,6 +107,7 @@ nav a { margin-right: 1rem; }
 {% for b in pr.baselines %}
 <h4>on <code>{{ b.data }}</code></h4>
 {{ table(b.head, b.rows, "baselines") }}
+{% for f in b.flags %}<p class="note flag">Warning: {{ f }}.</p>{% endfor %}
 {% else %}
 <p class="note">No baselines yet: <code>sftlab eval {{ r.path }} --data {{ r.dev_data or "FILE" }} --baselines</code></p>
 {% endfor %}

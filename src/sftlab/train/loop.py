@@ -140,6 +140,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
     # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
     weights = train_data.weights if causal else [1] * len(train_data)
+    row_examples = train_data.row_examples if causal else [1] * len(train_data)  # packs count their examples
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
     sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
@@ -300,9 +301,9 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step_in_epoch"] += 1
-            state["examples"] += len(step_batch)
+            state["examples"] += sum(row_examples[i] for i in step_batch)
             state["tokens"] += sum(lengths[i] for i in step_batch)
-            window_examples += len(step_batch)
+            window_examples += sum(row_examples[i] for i in step_batch)
             if ids_file:
                 ids_file.write(json.dumps({"step": step, "ids": step_batch}) + "\n")
                 ids_file.flush()
