@@ -100,8 +100,8 @@ def test_training_with_lazy_embeddings_resumes_bitwise(tiny_overrides, tmp_path,
     import sftlab.train.loop as loop
     from sftlab.config import load_config
 
-    over = tiny_overrides + ["train.lazy_embeddings=true", "train.eval_every=3", f"strategy.name={strategy}",
-                             "strategy.unfreeze_every=2"]
+    over = tiny_overrides + ["train.lazy_embeddings=true", "train.eval_every=3", f"strategy.name={strategy}"]
+    over += ["strategy.unfreeze_every=2"] if strategy == "gradual_unfreezing" else []
     over = [o for o in over if not o.startswith("output_dir=")]
     ref = loop.train(load_config(None, over + [f"output_dir={tmp_path / 'ref'}"]))
     from tests.conftest import crash_after_checkpoint

@@ -29,7 +29,7 @@ def guarded_protocol(*, max_header_bytes: int, header_timeout_s: float, max_conn
     class Guarded(HttpToolsProtocol):
         def connection_made(self, transport):  # type: ignore[override]
             super().connection_made(transport)
-            self._head_bytes, self._in_head = 0, True
+            self._head_bytes, self._in_head, self._refused = 0, True, False
             self._timer: asyncio.TimerHandle | None = None
             if len(self.connections) > max_connections:
                 self._refuse("503 Service Unavailable", f"server busy: {max_connections} connections are open "
@@ -52,14 +52,18 @@ def guarded_protocol(*, max_header_bytes: int, header_timeout_s: float, max_conn
                                                     f"(--header-timeout-s)")
 
         def _refuse(self, status: str, message: str) -> None:
+            """Answer, stop writing, and close a moment later: closing with the client's request unread would
+            send a TCP reset, which can destroy the answer before the client reads it."""
             self._disarm()
-            self._in_head = False
+            self._in_head, self._refused = False, True
             self.transport.write(_answer(status, message))
-            self.transport.close()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            asyncio.get_running_loop().call_later(1.0, self.transport.close)
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
-                return
+            if self.transport.is_closing() or getattr(self, "_refused", False):
+                return  # a refused connection's bytes are read and dropped until it closes
             if self._in_head:
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes and not self._head_done_within(data):
