@@ -16,6 +16,16 @@ def _task(model, ctx):
     return (TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS), heads
 
 
+def _peft(model, config):
+    """get_peft_model without the FutureWarning peft 0.21 triggers on every call by reading transformers 5's
+    deprecated `is_gradient_checkpointing` (not our call; no deprecation warnings reach a user from our verbs)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
 def _lora(model, cfg, ctx, use_dora: bool):
     task_type, heads = _task(model, ctx)
     target = cfg.target_modules
@@ -24,7 +34,7 @@ def _lora(model, cfg, ctx, use_dora: bool):
         target_modules=target if isinstance(target, str) else list(target),
         task_type=task_type, modules_to_save=heads,
     )
-    return get_peft_model(model, lcfg)
+    return _peft(model, lcfg)
 
 
 @strategies.register("lora")
@@ -45,7 +55,7 @@ def prompt_tuning(model, cfg, ctx):
         raise ConfigError(f"strategy.num_virtual_tokens: {cfg.num_virtual_tokens} virtual tokens + data.max_length "
                           f"{ctx.max_length} exceed the model's {limit} positions; lower one of them")
     task_type, heads = _task(model, ctx)
-    return get_peft_model(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+    return _peft(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
                                                     modules_to_save=heads))
 
 
@@ -53,5 +63,5 @@ def prompt_tuning(model, cfg, ctx):
 def prefix_tuning(model, cfg, ctx):
     """`strategy.num_virtual_tokens` trained key/value vectors per layer, prepended to every attention."""
     task_type, heads = _task(model, ctx)
-    return get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+    return _peft(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
                                                     modules_to_save=heads))
