@@ -508,7 +508,10 @@ def encode_conversations(tokenizer, convs: list[Conversation],
         counts[f"dropped: {why}"] += 1
 
     rendered: list[tuple[Conversation, str, list]] = []
+    cap = 64 * cfg.max_length  # characters of one message worth tokenizing: far past max_length tokens (batches.py)
     for conv in convs:
+        if any(len(m["content"]) > cap for m in conv.messages):  # a 50 MB row: the kept tokens are the same
+            conv = Conversation([m | {"content": m["content"][:cap]} for m in conv.messages], conv.line, conv.source)
         try:
             rendered.append((conv, *renderer.text_and_spans(conv.messages, cfg.train_on)))
         except ValueError as e:
