@@ -76,3 +76,17 @@ def test_options_that_match_defaults_or_belong_to_the_strategy_pass():
     load_config(None, ["data.train=x.jsonl", "strategy.name=lora", "strategy.r=8", "strategy.layer_decay=0.9"])
     load_config(None, ["data.train=x.jsonl", "strategy.r=16"])  # the default: a dumped config holds every key
     load_config(None, ["data.train=x.jsonl", "train.warmup_steps=10"])
+
+
+def test_a_huge_row_is_checked_in_seconds(tiny_model_dir, tmp_path, capsys):
+    """Issue 15: a 50 MB single row took 106 s in `data check`; only a capped prefix is tokenized now."""
+    import time
+
+    rows = [{"text": "the film was great " * 1_000_000, "label": "pos"}, {"text": "dull", "label": "neg"}]
+    data = write_jsonl(tmp_path / "big.jsonl", rows)
+    t0 = time.monotonic()
+    assert main(["data", "check", "-", f"model.name={tiny_model_dir}", f"data.train={data}", "--json"]) == 0
+    assert time.monotonic() - t0 < 30
+    out = capsys.readouterr().out
+    report = json.loads(out.splitlines()[-1])["train"]
+    assert report["truncated"] == 1 and report["capped"] == 1 and "+ (before truncation)" in out

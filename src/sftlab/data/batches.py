@@ -20,7 +20,8 @@ class Encoded:
     token_type_ids: list[list[int]] | None
     labels: list[int | float | None]
     truncated: int  # examples longer than max_length before truncation
-    raw_lengths: list[int] | None = None  # tokens before truncation (of the first CHAR_CAP characters of a text)
+    raw_lengths: list[int] | None = None  # tokens before truncation (of the first char_cap characters of a text)
+    capped: int = 0  # texts longer than char_cap characters: their raw length is a lower bound
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -57,7 +58,8 @@ def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
             ids[i] = cut["input_ids"][j]
             if types is not None:
                 types[i] = cut["token_type_ids"][j]
-    return Encoded(ids, types, [e.label for e in examples], len(long_rows), raw)
+    capped = sum(len(e.text) > cap or (e.text_pair is not None and len(e.text_pair) > cap) for e in examples)
+    return Encoded(ids, types, [e.label for e in examples], len(long_rows), raw, capped)
 
 
 def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool, multiple: int = 1) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ class Prepared:
                 "rows": len(split.examples),
                 "skipped": dict(split.skipped),
                 "truncated": enc.truncated,
+                "capped": enc.capped,
                 "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
             }
             if task == "classification":
@@ -76,7 +77,8 @@ def format_report(report: dict) -> str:
         t = r["tokens"]
         lines.append(
             f"{name}: {r['rows']} rows ({extra}){skipped}{trunc}; "
-            f"tokens p50={t['p50']} p90={t['p90']} p99={t['p99']} max={t['max']} (before truncation)  [{r['source']}]"
+            f"tokens p50={t['p50']} p90={t['p90']} p99={t['p99']} max={t['max']}{'+' if r.get('capped') else ''} "
+            f"(before truncation)  [{r['source']}]"
         )
     return "\n".join(lines)
 
