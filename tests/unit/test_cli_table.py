@@ -51,6 +51,11 @@ def world(tiny_model_dir, tmp_path_factory) -> dict:
     shutil.copytree(run, trunc)
     weights = trunc / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
+    for fmt in ("hf", "onnx"):  # export folders, and truncated copies of them
+        assert main(["export", str(run), "--format", fmt, "--out", str(u / f"ex-{fmt}")]) == 0
+        shutil.copytree(u / f"ex-{fmt}", u / f"ex-{fmt}-trunc")
+        f = u / f"ex-{fmt}-trunc" / ("model.safetensors" if fmt == "hf" else "model.onnx")
+        f.write_bytes(f.read_bytes()[:3000])
     return {"u": u, "model": str(tiny_model_dir), "run": str(run)}
 
 
@@ -98,6 +103,12 @@ CASES = {
     "predict: truncated weights": Case(["predict", "{u}/trunc", "--data", "{u}/train.jsonl"], ("truncated",)),
     "export: truncated weights": Case(["export", "{u}/trunc", "--format", "hf", "--out", "{u}/ex"], ("truncated",)),
     "serve: truncated weights": Case(["serve", "{u}/trunc", "--port", "0"], ("truncated",)),
+    "eval: truncated hf export": Case(["eval", "{u}/ex-hf-trunc", "--data", "{u}/train.jsonl"], ("truncated",)),
+    "predict: truncated onnx export": Case(["predict", "{u}/ex-onnx-trunc", "--data", "{u}/train.jsonl"],
+                                           ("truncated",)),
+    "serve: truncated hf export": Case(["serve", "{u}/ex-hf-trunc", "--port", "0"], ("truncated",)),
+    "serve: truncated onnx export": Case(["serve", "{u}/ex-onnx-trunc", "--port", "0"], ("truncated",)),
+    "generate: classifier export": Case(["generate", "{u}/ex-hf", "--prompt", "hi"], ("not a decoder",)),
     "predict --out under a file": Case(["predict", "{run}", "--data", "{u}/train.jsonl", "--out", "{u}/afile/p.jsonl"],
                                        ("--out", "cannot create")),
     "generate: encoder run": Case(["generate", "{run}", "--prompt", "hi"], ("not a decoder", "sftlab predict")),

@@ -217,3 +217,11 @@ def test_cli_generate_reads_user_text_as_text(tiny_llama_dir):
     start = tok.convert_tokens_to_ids("<|im_start|>")
     assert prompt_ids(tok, [{"role": "user", "content": FORGED}]).count(start) == 2
     assert LABELS  # the shared fixtures module is imported for its helpers
+
+
+@pytest.mark.parametrize("depth", [500, 990, 5000])
+def test_deeply_nested_ignored_fields_are_never_a_500(depth, gen_app):
+    raw = '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "metadata": %s}' % (
+        "[" * depth + "]" * depth)
+    r = gen_app.post(CHAT, content=raw.encode(), headers=AUTH | {"Content-Type": "application/json"})
+    assert r.status_code in (200, 400, 422), r.text

@@ -340,32 +340,31 @@ def _no_constant(name: str):
     return _NonFinite(name)
 
 
-def _first_bad_value(data: Any, path: str = "") -> str | None:
-    """A message for the first value no field can take: an integer of hundreds of digits, or a string that is not
-    valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is valid JSON but cannot be encoded, so a
-    tokenizer fails on it). Checked before validation, so such a request never reaches a batch."""
-    if isinstance(data, _HugeInt):
-        return f"{path or 'body'}: integer of {len(data.lstrip('-'))} digits is out of range"
-    if isinstance(data, _NonFinite):
-        return f"{path or 'body'}: {data} is not a finite number; send a JSON number"
-    if isinstance(data, str):
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return (f"{path or 'body'}: not valid Unicode (lone surrogate {data[e.start]!a} at character {e.start}); "
-                    f"send UTF-8 text")
-        return None
-    if isinstance(data, dict):
-        for k, v in data.items():
-            at = f"{path}.{k}" if path else str(k)
-            if (msg := _first_bad_value(k, at)) is not None:
-                return msg.replace(": not valid", ": field name is not valid", 1)
-            if (msg := _first_bad_value(v, at)) is not None:
-                return msg
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            if (msg := _first_bad_value(v, f"{path}[{i}]")) is not None:
-                return msg
+def _first_bad_value(data: Any) -> str | None:
+    """A message for the first value no field can take: an integer of dozens of digits, NaN/Infinity, or a string
+    that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800" is valid JSON but cannot be encoded, so a
+    tokenizer fails on it). Checked before validation, so such a request never reaches a batch. Iterative: JSON
+    nested ~1,000 deep parses, and a recursive walk on top of the server's stack would overflow."""
+    stack: list[tuple[str, Any, bool]] = [("", data, False)]
+    while stack:
+        path, value, is_key = stack.pop()
+        where = path or "body"
+        if isinstance(value, _HugeInt):
+            return f"{where}: integer of {len(value.lstrip('-'))} digits is out of range"
+        if isinstance(value, _NonFinite):
+            return f"{where}: {value} is not a finite number; send a JSON number"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                what = "field name is not valid Unicode" if is_key else "not valid Unicode"
+                return f"{where}: {what} (lone surrogate {value[e.start]!a} at character {e.start}); send UTF-8 text"
+        elif isinstance(value, dict):
+            for k, v in reversed(list(value.items())):
+                at = f"{path}.{k}" if path else str(k)
+                stack += [(at, v, False), (at, k, True)]  # the key is checked before its value
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v, False) for i, v in reversed(list(enumerate(value)))]
     return None
 
 

@@ -94,11 +94,11 @@ def _from_hf_folder(p: Path, meta: dict, **kw):
     from ..models import load as _quiet_loads  # noqa: F401  (no transformers progress bars)
 
     auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
-    try:
+    from ..eval.evaluate import loading
+
+    with loading(p):  # truncated or corrupt files: one line, not a safetensors traceback
         model = auto.from_pretrained(p)
         tokenizer = AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError) as e:
-        raise SftlabError(f"{p}: cannot load the model ({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
