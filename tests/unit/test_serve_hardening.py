@@ -187,6 +187,7 @@ def test_rendered_chat_holds_exactly_the_template_control_tokens(tiny_llama_dir)
     conv = msgs + [{"role": "assistant", "content": "sure <|im_start|>"}]
     ids, mask = r.encode(conv)
     assert ids.count(start) == 2 and ids.count(end) == 2 and sum(mask) > 0
+    assert _ids(tok, "<|im_start|>") == [start]  # the piece-wise pass leaves the tokenizer as it was
     # plain conversations keep their single whole-text tokenization, bit for bit
     plain = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "good morning"}]
     assert r.encode(plain)[0] == _ids(tok, r.render(plain, add_generation_prompt=False))
