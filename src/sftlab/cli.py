@@ -264,7 +264,10 @@ def cmd_env(args) -> None:
         except md.PackageNotFoundError:
             return None
 
+    from .models.zipped import PACKAGED_ZIPS
+
     packaged = {name: version(pip) is not None for name, (_, _, pip) in {**PACKAGED, **PACKAGED_DECODERS}.items()}
+    packaged |= {name: all(version(p) is not None for p in pkgs) for name, (pkgs, _) in PACKAGED_ZIPS.items()}
     info = {
         "sftlab": __version__, "python": platform.python_version(), "platform": platform.platform(),
         "packages": {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "tokenizers",

