@@ -27,6 +27,9 @@ class ModelConfig(_Section):
     """Same architecture and tokenizer, randomly initialised weights (the from-scratch baseline)."""
     trust_remote_code: bool = False
     """Allow code shipped with a hub model to run. Off unless you trust the source."""
+    keep_layers: list[int] | None = None
+    """Blocks of `name` to keep, e.g. [1, 3, 5]: a shallower student initialised from them (DistilBERT), the
+    embeddings and head as trained. Increasing, each in 0..blocks-1 (checked against the model at start)."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
     """Attention kernel for training. auto: transformers' default (sdpa); eager measured slower on the 2-core CPU
     SST-2 benchmark (docs/performance.md)."""

@@ -45,12 +45,11 @@ def load_trained(path, device=None):
         if meta.get("adapter") == "bottleneck":
             from ..strategies.adapter import load_adapter
 
-            model = load_adapter(_quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta)), model_dir)
+            model = load_adapter(adapter_base(auto, meta), model_dir)
         elif meta.get("adapter"):  # peft (saved as `true` before bottleneck adapters existed)
             from peft import PeftModel
 
-            base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
-            model = PeftModel.from_pretrained(base, model_dir)
+            model = PeftModel.from_pretrained(adapter_base(auto, meta), model_dir)
         else:
             model = auto.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -72,6 +71,16 @@ def loading(folder: Path):
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise RunDirError(f"{folder}: the saved model does not load ({type(e).__name__}: {first}); the files may be "
                           f"truncated or corrupt: retrain, or restore them") from None
+
+
+def adapter_base(auto, meta: dict):
+    """The frozen base an adapter run trained on: `base_path`, with the run's `model.keep_layers` applied."""
+    base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
+    if meta.get("keep_layers"):
+        from ..models.layers import keep_layers
+
+        keep_layers(base, meta["keep_layers"])
+    return base
 
 
 def _quiet(fn, *args, **kwargs):

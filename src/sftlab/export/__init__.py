@@ -72,6 +72,7 @@ def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
                                "header": cols.header}}
     if fmt == "peft":
         export_meta["base_path"] = meta["base_path"]
+        export_meta["keep_layers"] = meta.get("keep_layers")
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

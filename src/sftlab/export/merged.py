@@ -52,6 +52,10 @@ def check_format(fmt: str, meta: dict, model_dir: Path) -> None:
     if fmt == "peft" and kind == "bottleneck":
         raise ExportError("--format peft: sftlab's bottleneck adapters are not a peft method, so "
                           "PeftModel cannot load them; use --format onnx or int8, or serve the run directory itself")
+    if fmt == "peft" and meta.get("keep_layers"):
+        raise ExportError("--format peft: the adapter sits on a base cut to model.keep_layers, which "
+                          "PeftModel.from_pretrained (loading the full base by name) would not rebuild; use --format "
+                          "merged (or onnx / int8)")
 
 
 def fold(model):

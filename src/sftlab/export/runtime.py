@@ -133,7 +133,7 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
     """An `Exported` (or `DecoderExported`) for an export folder of any format, or for a run directory."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..eval.evaluate import _head_kwargs, _quiet, load_trained, loading
+    from ..eval.evaluate import adapter_base, load_trained, loading
 
     p = Path(path)
     meta = read_export_meta(p)
@@ -152,8 +152,7 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
             if fmt == "peft":
                 from peft import PeftModel
 
-                base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
-                model = PeftModel.from_pretrained(base, p)
+                model = PeftModel.from_pretrained(adapter_base(auto, meta), p)
             else:
                 model = auto.from_pretrained(p)
         model.to(device or "cpu")

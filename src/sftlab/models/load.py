@@ -63,7 +63,7 @@ OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-te
 
 
 def check_model(name: str, *, from_scratch: bool = False, max_length: int | None = None,
-                trust_remote_code: bool = False) -> None:
+                trust_remote_code: bool = False, keep_layers: list[int] | None = None) -> None:
     """Before a run starts: a local folder must hold a tokenizer (else transformers builds a near-empty one and
     every word trains as [UNK]) and weights (unless from scratch), and data.max_length must fit the model's
     position table (else the first long batch crashes mid-run). Hub ids are left to from_pretrained."""
@@ -76,10 +76,17 @@ def check_model(name: str, *, from_scratch: bool = False, max_length: int | None
         if not from_scratch and not any((p / f).is_file() for f in WEIGHT_FILES):
             raise ConfigError(f"model.name: {name} has no weights (model.safetensors or pytorch_model.bin); save the "
                               f"model into it, or set model.from_scratch=true for random weights")
-    if max_length is None or not p.is_dir():
+    if (max_length is None and keep_layers is None) or not p.is_dir():
         return
-    limit = positions(_hub_errors(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code))
-    if limit is not None and max_length > limit:
+    config = _hub_errors(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
+    blocks = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(getattr(config, k, None), int)), None)
+    if keep_layers is not None and blocks is not None:
+        from .layers import check_keep
+
+        check_keep(list(keep_layers), blocks, name)
+    limit = positions(config)
+    if max_length is not None and limit is not None and max_length > limit:
         raise ConfigError(f"data.max_length: {max_length} but {name} has {limit} positions; set data.max_length "
                           f"to at most {limit}")
 
@@ -136,7 +143,7 @@ def attention_for(choice: str, task: str, max_length: int) -> str | None:
 
 def load_model(
     name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False,
-    attention: str | None = None,
+    attention: str | None = None, keep_layers: list[int] | None = None,
 ) -> torch.nn.Module:
     """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM."""
     path = resolve_model(name)
@@ -162,7 +169,13 @@ def load_model(
         if from_scratch:
             attn = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
             config = _hub_errors(name, AutoConfig.from_pretrained, path, **kwargs)
-            return auto.from_config(config, trust_remote_code=trust_remote_code, **attn)
-        return _hub_errors(name, auto.from_pretrained, path, **kwargs)
+            model = auto.from_config(config, trust_remote_code=trust_remote_code, **attn)
+        else:
+            model = _hub_errors(name, auto.from_pretrained, path, **kwargs)
+        if keep_layers is not None:  # a shallower student from chosen blocks (models/layers.py)
+            from .layers import keep_layers as prune
+
+            prune(model, list(keep_layers))
+        return model
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -81,7 +81,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
 
     # --- run directory, data, model --------------------------------------------------------------------
     check_model(cfg.model.name, from_scratch=cfg.model.from_scratch, max_length=cfg.data.max_length,
-                trust_remote_code=cfg.model.trust_remote_code)  # before anything is written
+                trust_remote_code=cfg.model.trust_remote_code, keep_layers=cfg.model.keep_layers)  # nothing written yet
     run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -99,7 +99,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     model = load_model(
         cfg.model.name, cfg.task, labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
         trust_remote_code=cfg.model.trust_remote_code,
-        attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length),
+        attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length), keep_layers=cfg.model.keep_layers,
     )
     if t.fused_attention and cfg.task in ("classification", "regression"):  # prefix tuning's cache takes the class path
         from ..models.fused_attention import enable_fused_attention

@@ -19,7 +19,8 @@ from ..errors import RunDirError
 
 # Settings that decide which model is trained on what: a resume that changes one would continue another run's
 # model on other data (or crash on a changed task). Refused unless --force-resume; other changes are listed.
-IDENTITY = (("task",), ("model", "name"), ("model", "from_scratch"), ("strategy", "name"), ("data", "dir"),
+IDENTITY = (("task",), ("model", "name"), ("model", "from_scratch"), ("model", "keep_layers"), ("strategy", "name"),
+            ("data", "dir"),
             ("data", "train"), ("data", "text"), ("data", "text_pair"), ("data", "label"), ("data", "labels"),
             ("data", "format"), ("data", "prompt"), ("data", "completion"), ("data", "label_words"))
 LABELS_FILE = "labels.json"  # the class names in id order the run's model was built with
@@ -132,7 +133,7 @@ def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int
         "base_path": base_path,
         "template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
         "text_pair": cfg.data.text_pair is not None, "step": step, "dev_metrics": scores,
-        "base_model": cfg.model.name, "strategy": cfg.strategy.name,
+        "base_model": cfg.model.name, "strategy": cfg.strategy.name, "keep_layers": cfg.model.keep_layers,
     }
     (tmp / "sftlab.json").write_text(json.dumps(meta, indent=2))
     if final.exists():
