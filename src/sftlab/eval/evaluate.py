@@ -49,7 +49,10 @@ def load_trained(path, device=None):
         elif meta.get("adapter"):  # peft (saved as `true` before bottleneck adapters existed)
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(adapter_base(auto, meta), model_dir)
+            from ..models.load import peft_calls
+
+            with peft_calls():
+                model = PeftModel.from_pretrained(adapter_base(auto, meta), model_dir)
         else:
             model = auto.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -152,7 +152,10 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
             if fmt == "peft":
                 from peft import PeftModel
 
-                model = PeftModel.from_pretrained(adapter_base(auto, meta), p)
+                from ..models.load import peft_calls
+
+                with peft_calls():
+                    model = PeftModel.from_pretrained(adapter_base(auto, meta), p)
             else:
                 model = auto.from_pretrained(p)
         model.to(device or "cpu")

@@ -5,8 +5,10 @@ Packaged models are pretrained weights that install from the package registry an
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,6 +99,15 @@ def positions(config) -> int | None:
     if not isinstance(n, int):
         return None
     return n - 2 if getattr(config, "model_type", "") in OFFSET_POSITIONS else n
+
+
+@contextlib.contextmanager
+def peft_calls():
+    """Around peft's get_peft_model / PeftModel.from_pretrained: peft 0.21 reads transformers 5's deprecated
+    `is_gradient_checkpointing` on every call, a FutureWarning that is not ours to fix and no user should see."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:

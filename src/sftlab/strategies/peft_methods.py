@@ -17,12 +17,9 @@ def _task(model, ctx):
 
 
 def _peft(model, config):
-    """get_peft_model without the FutureWarning peft 0.21 triggers on every call by reading transformers 5's
-    deprecated `is_gradient_checkpointing` (not our call; no deprecation warnings reach a user from our verbs)."""
-    import warnings
+    from ..models.load import peft_calls
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_calls():
         return get_peft_model(model, config)
 
 
