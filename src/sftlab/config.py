@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -294,6 +294,13 @@ class TrainConfig(_Section):
         return self
 
 
+class ObjectiveConfig(_Section):
+    """Base of every training objective's own config class (objectives/*.py: `Config`, chosen by `name`)."""
+
+    name: str = "sft"
+    """How the training loss is formed: sft (the task's own loss) or distill (docs/distillation.md)."""
+
+
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     """The pretrained model to fine-tune."""
@@ -304,10 +311,33 @@ class RunConfig(_Section):
     """Where the labelled data is and how to read it."""
     strategy: StrategyConfig = StrategyConfig()
     """Which parameters train."""
+    objective: SerializeAsAny[ObjectiveConfig] = Field(default_factory=ObjectiveConfig, validate_default=True)
+    """How the training loss is formed (the leaf named by objective.name validates the rest of the section)."""
     train: TrainConfig = TrainConfig()
     """Optimisation and the training loop."""
     output_dir: str = "runs/{name}-{time}"
     """Run directory. `{name}` is the config file's stem, `{time}` a timestamp. Never overwritten silently."""
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective(cls, v):
+        """Two steps (PEFT's config_cls per method): `name` picks the leaf's Config class, which validates the
+        rest, so an option of another leaf is an unknown key with a did-you-mean."""
+        if isinstance(v, ObjectiveConfig) and type(v) is not ObjectiveConfig:
+            return v
+        raw = v.model_dump() if isinstance(v, ObjectiveConfig) else v
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"objective: expected a mapping with a name (sft, distill), got {raw!r}")
+        from . import objectives as _registered  # noqa: F401  (fills the registry)
+        from .registry import training_objectives
+
+        leaf = training_objectives.get(str(raw.get("name", "sft")))
+        try:
+            return leaf.Config.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_format_leaf_error(err, "objective", leaf.Config)) from None
 
     @model_validator(mode="after")
     def _check(self):
@@ -419,6 +449,22 @@ def _format_error(err: ValidationError) -> str:
     if e["type"] == "value_error":
         return msg
     return f"{key}: {msg} (got {e.get('input')!r})"
+
+
+def _format_leaf_error(err: ValidationError, section: str, config_cls) -> str:
+    e = err.errors()[0]
+    loc = tuple(str(p) for p in e["loc"])
+    key = ".".join((section,) + loc)
+    if e["type"] == "extra_forbidden":
+        known = list(config_cls.model_fields)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        name = config_cls.model_fields["name"].default
+        hint = f"did you mean {section}.{close[0]}?" if close else f"{section} {name} knows: {', '.join(known)}"
+        return f"{key}: unknown key for {section} {name}; {hint}"
+    if e["type"] == "missing":
+        return f"{key}: required for {section} {config_cls.model_fields['name'].default}; set it"
+    msg = e["msg"].removeprefix("Value error, ")
+    return msg if e["type"] == "value_error" else f"{key}: {msg} (got {e.get('input')!r})"
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:

@@ -42,4 +42,6 @@ class Registry(Generic[T]):
 
 
 strategies: Registry = Registry("strategy", "strategy.name")
-objectives: Registry = Registry("task", "task")
+objectives: Registry = Registry("task", "task")  # the task's loss: (model, batch) -> (loss sum, logits)
+# How the training loss is formed from the task loss, extra models and data (sft, distill): classes with a Config.
+training_objectives: Registry = Registry("objective", "objective.name")

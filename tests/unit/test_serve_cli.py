@@ -60,7 +60,7 @@ def test_runtime_formats_go_through_load_exported(tmp_path, monkeypatch):
     ({"sftlab_export.json": json.dumps({"format": "hf", "task": "ranking"})}, "'task' must be one of"),
     ({"sftlab_export.json": json.dumps({"format": "hf", "task": "classification"})}, "needs its 'labels'"),
     ({"sftlab_export.json": json.dumps({"format": "tflite", "task": "regression"})}, "unknown format 'tflite'"),
-    ({"sftlab_export.json": json.dumps({"format": "hf", "task": "regression"})}, "cannot load the model"),
+    ({"sftlab_export.json": json.dumps({"format": "hf", "task": "regression"})}, "the saved model does not load"),
 ])
 def test_unservable_folder_is_one_line_error(tmp_path, capsys, setup, message):
     target = tmp_path / "x"

@@ -74,12 +74,13 @@ def _open(spec: str | Path):
 
 
 def teacher_logits(spec: str | Path, texts: list[str], pairs: list[str] | None, *, labels: list[str] | None,
-                   max_length: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """The teacher's logits for these rows (cached); refuses a teacher whose label set differs from `labels`."""
+                   max_length: int, batch_size: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
+    """The teacher's logits for these rows (cached unless `cache` is false); refuses a teacher whose label set
+    differs from `labels`."""
     key_src = json.dumps([fingerprint(spec), max_length, texts, pairs], ensure_ascii=False)
     key = hashlib.sha256(key_src.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     file = cache_root() / "teacher-logits" / f"{key}.safetensors"
-    if file.is_file():  # made for this teacher, these rows and max_length; its label set was checked then
+    if cache and file.is_file():  # made for this teacher, these rows and max_length; its label set was checked then
         with safe_open(str(file), "np") as f:
             made_for = json.loads(f.metadata().get("labels", "null"))
         _same_labels(spec, made_for, labels)
@@ -100,8 +101,10 @@ def teacher_logits(spec: str | Path, texts: list[str], pairs: list[str] | None, 
             bar.update(end - start)
     seconds = time.perf_counter() - t0
     if progress:
-        print(f"teacher logits: {len(texts)} rows in {seconds:.1f}s ({len(texts) / max(seconds, 1e-9):.1f} rows/s), "
-              f"cached in {file}", file=sys.stderr)
+        print(f"teacher logits: {len(texts)} rows in {seconds:.1f}s ({len(texts) / max(seconds, 1e-9):.1f} rows/s)"
+              + (f", cached in {file}" if cache else ""), file=sys.stderr)
+    if not cache:
+        return out
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".tmp-{os.getpid()}")
     save_file({"logits": out}, str(tmp), metadata={"teacher": str(spec), "labels": json.dumps(labels),

@@ -34,7 +34,7 @@ from ..models import load_model, load_tokenizer
 from ..models.load import attention_for, check_model
 from ..allocator import current as allocator
 from ..precision import describe as describe_precision, pad_multiple, resolve as resolve_precision
-from ..registry import objectives
+from ..registry import objectives, training_objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
@@ -123,7 +123,9 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
                           "parameters when it starts); run without torchrun/accelerate launch")
     model = plan.model
     model.to(acc.device)
-    objective = objectives.get(cfg.task)
+    # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
+    # whatever it brings (distill: the teacher's cached logits, computed here once before training).
+    objective = training_objectives.get(cfg.objective.name)(cfg, data, objectives.get(cfg.task))
     causal = cfg.task == "causal_lm"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = pad_multiple(t.pad_to_multiple_of, bf16, acc.device)
@@ -157,6 +159,12 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler)
         step = state.pop("step")
         state.setdefault("bad_steps", 0), state.setdefault("skipped_steps", 0)  # checkpoints older than the guard
+        frozen = objective.frozen()
+        if state.get("frozen", frozen) != frozen:  # a teacher is never saved: only its fingerprint is
+            changed = [k for k in frozen if state["frozen"].get(k) != frozen[k]]
+            raise RunDirError(f"--resume {run_dir}: the {', '.join(changed) or 'frozen model'} changed since this "
+                              f"run started (objective.{(changed or ['teacher'])[0]}: other weights); resume with the "
+                              f"same one, or start a new run")
         if main:
             log(f"resumed from {ckpts[-1]} at step {step}/{total_steps}")
     # Micro-batches per step: train.grad_accum, or what auto_batch_size settled on before the checkpoint.
@@ -200,25 +208,30 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     def checkpoint() -> None:
         # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
         state["window"] = [float(window_loss), window_examples, window_units, window_seconds]
+        state["window_parts"] = {k: float(v) for k, v in window_parts.items()}
         state["grad_accum"] = accum
+        state["frozen"] = objective.frozen()
         if main:
             save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
         acc.wait_for_everyone()
 
-    def micro_pass(micro: list[list[int]], units: int) -> torch.Tensor:
-        step_loss = torch.zeros((), device=acc.device)
+    def micro_pass(micro: list[list[int]], units: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        step_loss, parts = torch.zeros((), device=acc.device), {}
         for k, idx in enumerate(micro):
             batch = {key: v.to(acc.device) for key, v in collate_fn(train_data, idx).items()}
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                loss_sum, _ = objective(model, batch)
+                out = objective(model, batch, idx)
             # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
-            acc.backward(loss_sum * acc.num_processes / units)
-            step_loss += loss_sum.detach().float()
-        return step_loss
+            acc.backward(out.total * acc.num_processes / units)
+            step_loss += out.total.detach().float()
+            for name, part in out.parts.items():
+                parts[name] = parts.get(name, 0) + part.float()
+        return step_loss, parts
 
-    def forward_backward(step_batch: list[int], units: int) -> torch.Tensor:
-        """Forward and backward of one step's micro-batches; its summed loss, on the device (no host sync).
+    def forward_backward(step_batch: list[int], units: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one step's micro-batches; its summed loss and loss parts, on the device (no host
+        sync).
         Out of memory with train.auto_batch_size: halve the micro-batch, double accumulation, redo the step."""
         nonlocal accum
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -258,9 +271,11 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
                file=sys.stderr, dynamic_ncols=True)
     # The window's loss stays on the device: no host sync per micro-batch, only when a line is logged.
     window_loss, window_examples, window_units, window_seconds = torch.zeros((), device=acc.device), 0, 0, 0.0
+    window_parts: dict[str, torch.Tensor] = {}  # the objective's named loss parts (distill: hard, soft)
     if "window" in state:
         window_loss = torch.tensor(state["window"][0], device=acc.device)
         window_examples, window_units, window_seconds = state["window"][1:]
+        window_parts = {k: torch.tensor(v, device=acc.device) for k, v in state.get("window_parts", {}).items()}
     stop, stopped_by = step >= total_steps, None
     trim_heap()  # tokenization and loading garbage
     delay = step_delay_for_tests()
@@ -274,7 +289,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             if plan.on_step:
                 plan.on_step(step)
             units = sum(weights[i] for i in step_batch)
-            step_loss = forward_backward(step_batch, units)
+            step_loss, step_parts = forward_backward(step_batch, units)
             if sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
                 grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm or float("inf"), optimizer)
             elif t.max_grad_norm:
@@ -293,6 +308,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
                 optimizer.step()
                 scheduler.step()
                 window_loss += step_loss
+                for name, part in step_parts.items():
+                    window_parts[name] = window_parts.get(name, 0) + part
                 window_units += units
                 state["bad_steps"] = 0
             else:
@@ -330,10 +347,13 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
                           "lr": max(scheduler.get_last_lr()), "examples_per_s": window_examples / window_seconds}
                 if t.max_grad_norm:
                     record["grad_norm"] = float(grad_norm)
+                for name, part in window_parts.items():  # per-part losses on the loss's scale (torchtune's KD recipe)
+                    record[f"loss/{name}"] = float(part) / max(1, window_units / acc.num_processes)
                 write(record)
                 state["last_loss"] = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
                 window_loss, window_examples, window_units, window_seconds = window_loss.zero_(), 0, 0, 0.0
+                window_parts = {}
 
             stop = step >= total_steps
             due = (step % t.eval_every == 0) if t.eval_every else epoch_end

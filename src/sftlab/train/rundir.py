@@ -22,7 +22,8 @@ from ..errors import RunDirError
 IDENTITY = (("task",), ("model", "name"), ("model", "from_scratch"), ("model", "keep_layers"), ("strategy", "name"),
             ("data", "dir"),
             ("data", "train"), ("data", "text"), ("data", "text_pair"), ("data", "label"), ("data", "labels"),
-            ("data", "format"), ("data", "prompt"), ("data", "completion"), ("data", "label_words"))
+            ("data", "format"), ("data", "prompt"), ("data", "completion"), ("data", "label_words"),
+            ("objective", "name"))
 LABELS_FILE = "labels.json"  # the class names in id order the run's model was built with
 
 
@@ -77,7 +78,7 @@ def _check_changes(run_dir: Path, cfg: RunConfig, force: bool) -> None:
                           f"run, or pass --force-resume to continue this model anyway")
     diffs = [
         f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}"
-        for sec in ("model", "data", "strategy", "train")
+        for sec in ("model", "data", "strategy", "objective", "train")
         for k, v in now[sec].items()
         if isinstance(saved.get(sec), dict) and saved[sec].get(k) != v and (sec, k) not in IDENTITY
     ]

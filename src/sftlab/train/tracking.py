@@ -62,7 +62,7 @@ def _start_mlflow(run_dir: Path, cfg):
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
     if run_id is None:
         ids.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": cfg.train.mlflow_uri}))
-        params = {f"{sec}.{k}": v for sec in ("model", "data", "strategy", "train")
+        params = {f"{sec}.{k}": v for sec in ("model", "data", "strategy", "objective", "train")
                   for k, v in cfg.model_dump(mode="json")[sec].items() if v is not None}
         # Params only, no artifacts: with a sqlite store MLflow would put artifacts in ./mlruns of whatever
         # directory the user ran from. The full config stays in RUN_DIR/config.yaml.

@@ -1,0 +1,43 @@
+"""`objective.name: sft` (the default): the task's own loss, today's behaviour bit for bit.
+
+A training objective is a leaf chosen by `objective.name` that owns its `Config` class and forms the training loss
+of one micro-batch from the task loss (objectives/classification.py, causal_lm.py) and whatever else it brings (a
+frozen teacher's cached logits for `distill`). It returns the loss SUM of the micro-batch and its named parts
+(detached, same scale), which the loop logs as `loss/<part>`; the loop divides by the step's loss units as before,
+so accumulation, processes and resume stay exact. Frozen extras are fingerprinted (`frozen()`), checked on resume.
+This is the first step toward the interface of shared/design/fusion-architecture.md section 2.3 (streams, trainable
+extras and phases come with the objectives that need them).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from ..config import ObjectiveConfig
+from ..registry import training_objectives
+
+
+class LossOut(NamedTuple):
+    total: torch.Tensor  # the micro-batch's loss sum: the loop scales it by world / step units and backpropagates
+    parts: dict[str, torch.Tensor]  # detached sums on the same scale, logged as loss/<name>
+
+
+class SFTConfig(ObjectiveConfig):
+    name: Literal["sft"] = "sft"
+
+
+@training_objectives.register("sft")
+class SFT:
+    Config = SFTConfig
+
+    def __init__(self, cfg, data, task_loss):
+        self.task_loss = task_loss
+
+    def frozen(self) -> dict[str, str]:
+        """Fingerprints of frozen extra models, stored in checkpoints and checked on resume: none here."""
+        return {}
+
+    def __call__(self, model, batch: dict, rows: list[int]) -> LossOut:
+        loss_sum, _ = self.task_loss(model, batch)
+        return LossOut(loss_sum, {})
