@@ -1,0 +1,146 @@
+"""`objective.name: distill` through the loop (issue 16), as equations on the tiny BERT:
+alpha = 0 == plain SFT (bitwise); cached == live teacher (same weights); a teacher equal to the student gives zero
+soft loss; resume mid-run == uninterrupted (bitwise); per-part losses logged; bad input is one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sftlab.train.loop as loop
+from sftlab.cli import main
+from sftlab.config import load_config
+from tests.conftest import crash_after_checkpoint, make_rows, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    train = write_jsonl(root / "train.jsonl", make_rows(48))
+    dev = write_jsonl(root / "dev.jsonl", make_rows(16, seed=1))
+    base = [f"model.name={tiny_model_dir}", f"data.train={train}", f"data.dev={dev}", "train.batch_size=8",
+            "train.lr=1e-3", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+            "train.log_every=1"]
+    teacher = loop.train(load_config(None, base + ["train.max_steps=8", f"output_dir={root / 'teacher'}"]))
+    return {"root": root, "base": base, "teacher": str(teacher), "train": str(train)}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+def run(world, out, *extra, resume=None):
+    cfg = load_config(None, world["base"] + ["train.max_steps=6", "train.eval_every=3", *extra, f"output_dir={out}"])
+    return loop.train(cfg, resume=resume)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "best" / "model.safetensors"))
+
+
+def records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"split"' not in x]
+
+
+def distill(world, *more):
+    return ["objective.name=distill", f"objective.teacher={world['teacher']}", *more]
+
+
+def test_alpha_zero_is_plain_sft_bitwise(world, tmp_path):
+    sft = run(world, tmp_path / "sft")
+    kd = run(world, tmp_path / "kd", *distill(world, "objective.alpha=0", "objective.temperature=1"))
+    a, b = weights(sft), weights(kd)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(sft)] == [r["loss"] for r in records(kd)]
+
+
+def test_parts_are_logged_and_mix_into_the_loss(world, tmp_path):
+    kd = run(world, tmp_path / "kd", *distill(world, "objective.alpha=0.3", "objective.temperature=2"))
+    for r in records(kd):
+        assert r["loss"] == pytest.approx(0.7 * r["loss/hard"] + 0.3 * r["loss/soft"], rel=1e-5)
+        assert r["loss/soft"] >= 0
+    sft = run(world, tmp_path / "sft")  # and the soft term does move the student
+    a, b = weights(sft), weights(kd)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_equals_live_teacher(world, tmp_path):
+    cached = run(world, tmp_path / "cached", *distill(world))
+    again = run(world, tmp_path / "again", *distill(world))  # from the cache built by the first run
+    live = run(world, tmp_path / "live", *distill(world, "objective.cache=false"))
+    a, b, c = weights(cached), weights(again), weights(live)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_teacher_equal_to_the_student_gives_zero_soft_loss(world, tmp_path):
+    """The student starts as the teacher (its best/ as model.name; the tiny BERT has no dropout): step 1's soft
+    loss is zero, and it is the same model, so a pure-soft run (alpha = 1) barely moves it."""
+    student = [f"model.name={world['teacher']}/best"]
+    kd = run(world, tmp_path / "kd", *student, *distill(world, "objective.alpha=1"), "train.max_steps=1")
+    first = records(kd)[0]
+    assert first["loss/soft"] == pytest.approx(0.0, abs=1e-6) and first["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resume_mid_run_equals_uninterrupted(world, tmp_path, monkeypatch):
+    args = distill(world, "objective.alpha=0.5")
+    ref = run(world, tmp_path / "ref", *args)
+    real = crash_after_checkpoint(monkeypatch, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "part", *args)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    part = run(world, tmp_path / "part", *args, resume=tmp_path / "part")
+    a, b = weights(ref), weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(ref)[-1] == records(part)[-1] | {"examples_per_s": records(ref)[-1]["examples_per_s"]}
+
+
+def one_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("sftlab: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["objective.temperature=0"], "objective.temperature must be > 0"),
+    (["objective.alpha=1.5"], "objective.alpha must be in [0, 1]"),
+    (["objective.temperatur=2"], "did you mean objective.temperature?"),
+    (["objective.attention_weight=1"], "not implemented yet"),
+])
+def test_bad_options_are_one_line(world, extra, words, capsys, tmp_path):
+    msg = one_line(capsys, ["train", "-", *world["base"], *distill(world), *extra, f"output_dir={tmp_path / 'x'}"])
+    assert words in msg and not (tmp_path / "x").exists()
+
+
+def test_missing_teacher_and_other_labels_are_one_line(world, capsys, tmp_path):
+    msg = one_line(capsys, ["train", "-", *world["base"], "objective.name=distill",
+                            f"objective.teacher={tmp_path / 'nope'}", f"output_dir={tmp_path / 'a'}"])
+    assert "holds no trained model" in msg
+    other = write_jsonl(tmp_path / "other.jsonl", make_rows(16, labels=("bad", "good")))
+    msg = one_line(capsys, ["train", "-", *world["base"], f"data.train={other}", f"data.dev={other}",
+                            *distill(world), f"output_dir={tmp_path / 'b'}"])
+    assert "same label set" in msg
+
+
+def test_a_changed_teacher_is_refused_on_resume(world, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world["teacher"], teacher)
+    args = ["objective.name=distill", f"objective.teacher={teacher}"]
+    real = crash_after_checkpoint(monkeypatch, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "part", *args)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    w = teacher / "best" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    over = world["base"] + ["train.max_steps=6", "train.eval_every=3", *args]
+    msg = one_line(capsys, ["train", "-", *over, "--resume", str(tmp_path / "part")])
+    assert "teacher changed since this run started" in msg
