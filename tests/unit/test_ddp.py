@@ -54,3 +54,23 @@ def test_two_processes_equal_one(tiny_overrides, tmp_path, launcher):
     import json
 
     assert json.loads((two / "summary.json").read_text())["processes"] == 2
+
+
+def test_two_processes_equal_one_when_distilling(tiny_overrides, tmp_path):
+    """Issue 16: distillation (cached teacher logits looked up by row id on every rank) keeps 2 processes == 1."""
+    from sftlab.config import load_config
+    from sftlab.train.loop import train
+
+    teacher = train(load_config(None, [o for o in tiny_overrides if not o.startswith("output_dir")]
+                                + ["train.max_steps=4", f"output_dir={tmp_path / 'teacher'}"]))
+    common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + [
+        "train.epochs=1", "objective.name=distill", f"objective.teacher={teacher}", "objective.alpha=0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SFTLAB_CACHE=str(tmp_path / "cache"))
+    two, one = tmp_path / "ddp", tmp_path / "single"
+    for argv, out in ((LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4"], two),
+                      (["-m", "sftlab", "train", "-", *common, "train.batch_size=8"], one)):
+        proc = subprocess.run([sys.executable, *argv, f"output_dir={out}"], env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    wa, wb = ckpt(two), ckpt(one)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
