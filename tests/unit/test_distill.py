@@ -144,3 +144,15 @@ def test_a_changed_teacher_is_refused_on_resume(world, tmp_path, capsys, monkeyp
     over = world["base"] + ["train.max_steps=6", "train.eval_every=3", *args]
     msg = one_line(capsys, ["train", "-", *over, "--resume", str(tmp_path / "part")])
     assert "teacher changed since this run started" in msg
+
+
+def test_report_shows_the_loss_parts(world, tmp_path, capsys):
+    kd = run(world, tmp_path / "kd", *distill(world))
+    sft = run(world, tmp_path / "sft")
+    out = tmp_path / "r.html"
+    assert main(["report", str(kd), str(sft), "--out", str(out), "--no-eval"]) == 0
+    html = out.read_text()
+    assert "loss parts over steps" in html
+    out2 = tmp_path / "s.html"
+    assert main(["report", str(sft), "--out", str(out2), "--no-eval"]) == 0
+    assert "loss parts" not in out2.read_text()  # plain SFT has no parts: no empty panel, no note

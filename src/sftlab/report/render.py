@@ -73,8 +73,13 @@ def curve_plots(runs: list[Run]) -> dict[str, str | None]:
         return out
 
     dev_metrics = list(dict.fromkeys([r.best_metric for r in runs] + ["loss"]))
+    # An objective's named loss parts (distill: loss/hard, loss/soft), one line per run and part.
+    parts = sorted({k for r in runs for x in r.train for k in x if k.startswith("loss/")})
+    part_series = [(f"{name} {key[5:]}", xs, ys) for key in parts
+                   for name, xs, ys in series(lambda r: r.train, key)]
     return {
         "loss": plots.curve(series(lambda r: r.train, "loss"), "Training loss", "loss (mean per logged window)"),
+        "parts": plots.curve(part_series, "Loss parts", "part (mean per logged window)") if parts else None,
         "dev": plots.dev_curves([(m, series(lambda r: r.dev, m)) for m in dev_metrics]),
         "lr": plots.curve(series(lambda r: r.train, "lr"), "Learning rate", "learning rate", sci=True),
         "throughput": plots.curve(series(lambda r: r.train, "examples_per_s"), "Training throughput",

@@ -74,8 +74,9 @@ nav a { margin-right: 1rem; }
 <p class="meta">dev metrics are those of the best checkpoint (step “best step”); throughput counts training steps only.</p>
 
 <h2 id="curves">Curves</h2>
-{% for key, alt in [("loss", "training loss"), ("dev", "dev metrics"), ("lr", "learning rate"), ("throughput", "training throughput")] %}
+{% for key, alt in [("loss", "training loss"), ("parts", "loss parts"), ("dev", "dev metrics"), ("lr", "learning rate"), ("throughput", "training throughput")] %}
 {% if curves[key] %}{{ plot(curves[key], key, alt ~ " over steps, one line per run") }}
+{% elif key == "parts" %}
 {% else %}<p class="note">No {{ alt }} logged{% if key == "dev" %} (no dev set in the config?){% endif %}.</p>
 {% endif %}
 {% endfor %}
