@@ -156,3 +156,48 @@ def test_report_shows_the_loss_parts(world, tmp_path, capsys):
     out2 = tmp_path / "s.html"
     assert main(["report", str(sft), "--out", str(out2), "--no-eval"]) == 0
     assert "loss parts" not in out2.read_text()  # plain SFT has no parts: no empty panel, no note
+
+
+# ------------------------------------------------------------------------------------------------ decoders
+
+@pytest.fixture(scope="module")
+def chat_world(tiny_llama_dir, tmp_path_factory):
+    from tests.conftest import make_chats
+
+    root = tmp_path_factory.mktemp("distill-lm")
+    data = write_jsonl(root / "chats.jsonl", make_chats(24))
+    base = [f"model.name={tiny_llama_dir}", "task=causal_lm", f"data.train={data}", "data.max_length=64",
+            "train.batch_size=4", "train.lr=1e-3", "train.precision=fp32", "train.progress=false",
+            "train.tensorboard=false", "train.log_every=1"]
+    teacher = loop.train(load_config(None, base + ["train.max_steps=6", f"output_dir={root / 'teacher'}"]))
+    return {"base": base, "teacher": str(teacher)}
+
+
+def lm_run(world, out, *extra):
+    return loop.train(load_config(None, world["base"] + ["train.max_steps=4", *extra, f"output_dir={out}"]))
+
+
+def test_decoder_alpha_zero_is_plain_sft_bitwise(chat_world, tmp_path):
+    sft = lm_run(chat_world, tmp_path / "sft")
+    kd = lm_run(chat_world, tmp_path / "kd", *distill(chat_world, "objective.alpha=0", "objective.temperature=1"))
+    a, b = weights(sft), weights(kd)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all("loss/soft" in r for r in records(kd))
+
+
+def test_decoder_teacher_equal_to_student_gives_zero_soft_loss(chat_world, tmp_path):
+    kd = lm_run(chat_world, tmp_path / "kd", f"model.name={chat_world['teacher']}/best",
+                *distill(chat_world, "objective.alpha=0.5", "objective.top_k=8"), "train.max_steps=1")
+    assert records(kd)[0]["loss/soft"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_half_depth_decoder_student_distils_and_generates(chat_world, tmp_path, capsys):
+    kd = lm_run(chat_world, tmp_path / "kd", "model.keep_layers=[1]", *distill(chat_world, "objective.alpha=0.5"))
+    assert records(kd)[-1]["loss/soft"] > 0
+    assert main(["generate", str(kd), "--prompt", "hello there", "--max-new-tokens", "3"]) == 0
+
+
+def test_decoder_teacher_with_another_vocabulary_is_one_line(chat_world, tiny_model_dir, capsys, tmp_path):
+    msg = one_line(capsys, ["train", "-", *chat_world["base"], "objective.name=distill",
+                            f"objective.teacher={tiny_model_dir}", f"output_dir={tmp_path / 'x'}"])
+    assert "objective.teacher" in msg

@@ -79,3 +79,20 @@ def test_shape_mismatch_names_the_layers():
         attention_mse(a, b, [0], torch.ones(1, 3))
     with pytest.raises(ValueError, match="layer_map"):
         uniform_layer_map(4, 2)
+
+
+def test_topk_with_the_rest_bucket_is_zero_for_an_equal_student_and_soft_kl_at_full_k():
+    s = logits(rows=6, classes=50, seed=8).float()
+    for temperature in (1.0, 2.0):
+        v, i = s.topk(5, dim=-1)
+        lse = (s / temperature).logsumexp(-1)
+        x = s.clone().requires_grad_()
+        loss = topk_kl(x, v, i, temperature, lse)
+        loss.backward()
+        assert abs(loss.item()) < 1e-5 and x.grad.abs().max().item() < 1e-5
+        t = logits(rows=6, classes=50, seed=9).float()
+        vt, it = t.topk(50, dim=-1)
+        full = topk_kl(s, vt, it, temperature, (t / temperature).logsumexp(-1))
+        assert full.item() == pytest.approx(soft_kl(s, t, temperature).item(), rel=1e-4)
+        v5, i5 = t.topk(5, dim=-1)  # the partition loses detail: never more than the full KL
+        assert 0 <= topk_kl(s, v5, i5, temperature, (t / temperature).logsumexp(-1)).item() <= full.item() + 1e-5

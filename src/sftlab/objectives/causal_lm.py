@@ -13,7 +13,8 @@ from ..registry import objectives
 
 
 @objectives.register("causal_lm")
-def causal_lm_loss(model, batch) -> tuple[torch.Tensor, None]:
+def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, logits [loss positions, vocab] in row-major order of the batch's loss positions)."""
     labels = batch["labels"]
     # use_cache=False: with a KV cache, transformers ignores position_ids when building the packed-sequence
     # (block-diagonal) mask, and attention would leak across packed examples.
@@ -23,8 +24,8 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, None]:
     if isinstance(model, DistributedDataParallel) or prompt_learning:
         # DDP syncs gradients only through its own forward; peft's prompt/prefix tuning injects its virtual
         # tokens in its own forward (prompt tuning's logits include them at the front: keep the last L).
-        logits = model(**inputs).logits[:, -labels.shape[1]:]
-        return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), None
+        logits = model(**inputs).logits[:, -labels.shape[1]:][keep]
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), logits
     hidden = model.get_decoder()(**inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), None
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), logits

@@ -7,9 +7,12 @@ backward plus a [rows, classes] lookup. The teacher tokenizes the text its own w
 tokenizers and architectures; its label set must equal the student's (checked). The teacher is fingerprinted in
 every checkpoint: a resume with a changed teacher is refused.
 
+Decoders (`task: causal_lm`): token-level KD on the teacher's top-k next-token distribution at every loss position
+(kd_losses.topk_kl), cached the same way; the teacher must share the student's vocabulary (checked).
+
 alpha = 0 is the task loss itself (kd_losses.mix), so the run equals `sft` bit for bit (tested). Not in this step
-(issue 16, in progress): the attention / hidden-state terms (TinyBERT), an unlabelled stream, and token-level KD for
-decoders; their options are declared and refused with a line that says so.
+(issue 16, in progress): the attention / hidden-state terms (TinyBERT) and an unlabelled stream; their options are
+declared and refused with a line that says so.
 """
 from __future__ import annotations
 
@@ -19,11 +22,10 @@ import torch
 from pydantic import model_validator
 
 from ..config import ObjectiveConfig
-from ..errors import ConfigError
 from ..registry import training_objectives
-from .kd_losses import mix, soft_kl
+from .kd_losses import mix, soft_kl, topk_kl
 from .sft import LossOut
-from .teacher import fingerprint, teacher_logits
+from .teacher import fingerprint, teacher_logits, teacher_topk
 
 
 class DistillConfig(ObjectiveConfig):
@@ -42,12 +44,16 @@ class DistillConfig(ObjectiveConfig):
     """Student layer i <- teacher layer (for the intermediate terms); auto = uniform."""
     cache: Literal["auto"] | bool = "auto"
     """Teacher logits cached on disk by content (auto and true); false recomputes them for this run only."""
+    top_k: int = 32
+    """Decoders: the teacher's k most likely next tokens per loss position are the soft target (renormalised)."""
 
     @model_validator(mode="after")
     def _check(self):
         if not self.temperature > 0:
             raise ValueError(f"objective.temperature must be > 0, got {self.temperature}; 1 is the plain softmax, "
                              f"2-4 are usual")
+        if self.top_k < 1:
+            raise ValueError(f"objective.top_k must be >= 1, got {self.top_k}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"objective.alpha must be in [0, 1] (the soft loss's weight), got {self.alpha}")
         for key in ("attention_weight", "hidden_weight"):
@@ -61,25 +67,33 @@ class DistillConfig(ObjectiveConfig):
 class Distill:
     Config = DistillConfig
 
-    def __init__(self, cfg, data, task_loss):
+    def __init__(self, cfg, data, task_loss, tokenizer):
         o = cfg.objective
-        if cfg.task == "causal_lm":
-            raise ConfigError("objective.name: distill for task causal_lm (token-level KD) is not implemented yet "
-                              "(issue 16 in progress); distil a classifier or regressor, or use objective.name=sft")
         self.task_loss, self.alpha, self.temperature = task_loss, o.alpha, o.temperature
-        self.regression = cfg.task == "regression"
+        self.regression, self.causal = cfg.task == "regression", cfg.task == "causal_lm"
+        self.fp = fingerprint(o.teacher)
+        if self.causal:  # token-level: the teacher's top-k next tokens at every loss position of every row
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            self.targets = teacher_topk(o.teacher, data.encoded["train"], tokenizer, k=o.top_k,
+                                        temperature=o.temperature, pad_id=pad, cache=o.cache is not False)
+            return
         examples = data.splits["train"].examples
         pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
         labels = data.labels.names if data.labels else None
         self.teacher = torch.from_numpy(teacher_logits(o.teacher, [e.text for e in examples], pairs, labels=labels,
                                                        max_length=cfg.data.max_length, cache=o.cache is not False))
-        self.fp = fingerprint(o.teacher)
 
     def frozen(self) -> dict[str, str]:
         return {"teacher": self.fp}
 
     def __call__(self, model, batch: dict, rows: list[int]) -> LossOut:
         hard, logits = self.task_loss(model, batch)
+        if self.causal:  # logits: [loss positions, vocab], row-major in `rows` order, as the cache stores them
+            off = self.targets["offsets"]
+            pick = torch.cat([torch.arange(int(off[i]), int(off[i + 1])) for i in rows])
+            values, ids, lse = (self.targets[n][pick].to(logits.device) for n in ("values", "ids", "lse"))
+            soft = topk_kl(logits, values, ids, self.temperature, lse)
+            return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
         target = self.teacher[rows].to(logits.device)
         if self.regression:
             soft = ((logits.float().squeeze(-1) - target.squeeze(-1)) ** 2).sum()

@@ -5,8 +5,9 @@
   term's gradients shrink as 1/T^2 and alpha silently changes meaning with T (TextBrewer's `kd_ce_loss` leaves it
   out; torchtune's `ForwardKLLoss` has no temperature at all). With it, at large T the gradient on logit i tends to
   ((z_i - mean z) - (v_i - mean v)) / C: logit matching (tested).
-- `topk_kl`: token-level KD for decoders from the teacher's top-k next-token distribution (renormalised over its k
-  tokens, so a k-wide cache suffices: MiniLLM/GKD-style sparse targets). k = vocabulary equals `soft_kl`.
+- `topk_kl`: token-level KD for decoders from the teacher's top-k next-token distribution plus one "rest" bucket
+  holding the mass outside it (so a k-wide cache suffices and a teacher equal to the student still gives exactly
+  zero; renormalising over the k tokens alone would not). k = vocabulary equals `soft_kl`.
 - `attention_mse` / `hidden_mse` (TinyBERT, Jiao et al. 2020, section 3.1): MSE between a student layer and its
   mapped teacher layer, on real tokens only; `hidden_mse` takes a learned projection when widths differ.
 - `uniform_layer_map` (TinyBERT's g(m) = m * N / M): student layer i learns from teacher layer (i+1) * N/M - 1.
@@ -32,13 +33,24 @@ def mix(hard_sum: torch.Tensor, soft_sum: torch.Tensor, alpha: float) -> torch.T
     return (1 - alpha) * hard_sum + alpha * soft_sum
 
 
-def topk_kl(student: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,
-            temperature: float) -> torch.Tensor:
-    """sum over positions of T^2 * KL(p_teacher restricted to its top k || p_student) over those k tokens.
-    student [P, V] logits; top_values / top_ids [P, k]: the teacher's k largest logits and their token ids."""
-    p = F.log_softmax(top_values.float() / temperature, dim=-1)  # renormalised over the k kept tokens
-    q = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, top_ids)
-    return (p.exp() * (p - q)).sum() * temperature ** 2
+def topk_kl(student: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor, temperature: float,
+            teacher_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over positions of T^2 * KL(p || q) on the partition {the teacher's top k tokens, everything else}.
+    student [P, V] logits; top_values / top_ids [P, k]: the teacher's k largest logits and their token ids;
+    teacher_lse [P]: logsumexp of the teacher's logits / T over the whole vocabulary. The "rest" bucket keeps the
+    teacher's leftover mass, so the loss is zero (with zero gradient) exactly when the student agrees on the
+    partition, and k = V is `soft_kl`. Without `teacher_lse` the teacher is renormalised over its k tokens."""
+    t = top_values.float() / temperature
+    logp = t - (teacher_lse.float()[:, None] if teacher_lse is not None else t.logsumexp(-1, keepdim=True))
+    logq_all = F.log_softmax(student.float() / temperature, dim=-1)
+    logq = logq_all.gather(-1, top_ids)
+    p = logp.exp()
+    loss = (p * (logp - logq)).sum()
+    if teacher_lse is not None:  # the leftover mass of both, as one more outcome
+        p_rest = (1 - p.sum(-1)).clamp(min=0)
+        q_rest = (1 - logq.exp().sum(-1)).clamp(min=1e-12)
+        loss = loss + torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()), 0).sum()
+    return loss * temperature ** 2
 
 
 def attention_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], layer_map: list[int],

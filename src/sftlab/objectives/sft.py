@@ -31,7 +31,7 @@ class SFTConfig(ObjectiveConfig):
 class SFT:
     Config = SFTConfig
 
-    def __init__(self, cfg, data, task_loss):
+    def __init__(self, cfg, data, task_loss, tokenizer):
         self.task_loss = task_loss
 
     def frozen(self) -> dict[str, str]:

@@ -35,8 +35,18 @@ CHUNK = 2048  # rows per progress update
 
 
 def model_folder(spec: str | Path) -> Path:
-    """The folder holding the teacher's weights: RUN_DIR/best, an export folder, or an HF folder."""
+    """The folder holding the teacher's weights: RUN_DIR/best, an export folder, an HF folder, or a packaged
+    model's folder (by name)."""
     p = Path(spec)
+    if not p.exists() and "/" not in str(spec):
+        from ..models.load import PACKAGED
+        from ..models.packaged import PACKAGED_DECODERS
+        from ..models.zipped import PACKAGED_ZIPS
+
+        if str(spec) in {**PACKAGED, **PACKAGED_DECODERS, **PACKAGED_ZIPS}:
+            from ..models import resolve_model
+
+            p = Path(resolve_model(str(spec)))
     for cand in (p / "best", p):
         if any((cand / w).is_file() for w in WEIGHTS) and any((cand / m).is_file() for m in META):
             return cand
@@ -62,13 +72,18 @@ def _open(spec: str | Path):
     folder = model_folder(spec)
     if (folder / "sftlab.json").is_file() or read_export_meta(folder) is not None:
         return load_exported(folder)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ..eval.evaluate import loading
+    from ..export.runtime import DecoderExported
 
     with loading(folder):
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
+        decoder = arch.endswith("ForCausalLM")
+        model = (AutoModelForCausalLM if decoder else AutoModelForSequenceClassification).from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    if decoder:
+        return DecoderExported({"task": "causal_lm", "format": "hf"}, tokenizer, model)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return TorchExported({"task": "classification", "labels": names, "format": "hf"}, tokenizer, model)
 
@@ -127,3 +142,60 @@ def _autocast(teacher):
         return contextlib.nullcontext()
     device = next(model.parameters()).device
     return torch.autocast(device.type, dtype=torch.bfloat16) if resolve("auto", device) else contextlib.nullcontext()
+
+
+def teacher_topk(spec: str | Path, data, tokenizer, *, k: int, temperature: float, pad_id: int,
+                 batch_size: int = 8, progress: bool = True, cache: bool = True) -> dict[str, torch.Tensor]:
+    """Token-level targets for a decoder student: the teacher's k largest next-token logits at every loss position
+    of every training row (`data`: the student's LMEncoded rows, packed or not; the teacher reads the same ids, so
+    it must share the student's vocabulary). Returns {"values": [P, k] float32, "ids": [P, k] int64, "offsets":
+    [rows + 1]}: row i's positions are offsets[i]:offsets[i+1], in the order the loss positions appear."""
+    from ..data.lm import collate_lm
+    from .causal_lm import causal_lm_loss
+
+    key_src = json.dumps([fingerprint(spec), k, temperature, data.input_ids, data.labels, data.position_ids])
+    file = cache_root() / "teacher-topk" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.safetensors"
+    if cache and file.is_file():
+        from safetensors.torch import load_file as load_torch
+
+        return load_torch(str(file))
+    teacher = _open(spec)
+    if teacher.task != "causal_lm":
+        raise ConfigError(f"objective.teacher: {spec} is a {teacher.task} model; token-level distillation of a "
+                          f"decoder needs a causal_lm teacher")
+    if teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"objective.teacher: {spec} has another vocabulary than the student; token-level "
+                          f"distillation compares next-token distributions, so both need the same tokenizer")
+    model = teacher.model
+    device = next(model.parameters()).device
+    order = sorted(range(len(data)), key=lambda i: -len(data.input_ids[i]))
+    per_row: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(data)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), _autocast(teacher), tqdm(total=len(data), desc="teacher top-k", unit="row",
+                                                          file=sys.stderr, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            batch = {name: v.to(device) for name, v in collate_lm(data, idx, pad_id).items()}
+            _, logits = causal_lm_loss(model, batch)
+            logits = logits.float()
+            top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+            lse = (logits / temperature).logsumexp(-1)
+            counts = (batch["labels"] != -100).sum(1).tolist()
+            for i, v, t, z in zip(idx, top.values.split(counts), top.indices.split(counts), lse.split(counts)):
+                per_row[i] = (v.cpu(), t.cpu(), z.cpu())
+            bar.update(len(idx))
+    sizes = [len(r[0]) for r in per_row]
+    out = {"values": torch.cat([r[0] for r in per_row]), "ids": torch.cat([r[1] for r in per_row]),
+           "lse": torch.cat([r[2] for r in per_row]),
+           "offsets": torch.tensor([0] + [int(x) for x in np.cumsum(sizes)], dtype=torch.long)}
+    if progress:
+        print(f"teacher top-{k}: {len(data)} rows, {sum(sizes)} loss positions in "
+              f"{time.perf_counter() - t0:.1f}s" + (f", cached in {file}" if cache else ""), file=sys.stderr)
+    if cache:
+        from safetensors.torch import save_file as save_torch
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp-{os.getpid()}")
+        save_torch(out, str(tmp), metadata={"teacher": str(spec), "k": str(k)})
+        os.replace(tmp, file)
+    return out

@@ -125,7 +125,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     model.to(acc.device)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
     # whatever it brings (distill: the teacher's cached logits, computed here once before training).
-    objective = training_objectives.get(cfg.objective.name)(cfg, data, objectives.get(cfg.task))
+    objective = training_objectives.get(cfg.objective.name)(cfg, data, objectives.get(cfg.task), tokenizer)
     causal = cfg.task == "causal_lm"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = pad_multiple(t.pad_to_multiple_of, bf16, acc.device)
