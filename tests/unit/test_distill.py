@@ -201,3 +201,22 @@ def test_decoder_teacher_with_another_vocabulary_is_one_line(chat_world, tiny_mo
     msg = one_line(capsys, ["train", "-", *chat_world["base"], "objective.name=distill",
                             f"objective.teacher={tiny_model_dir}", f"output_dir={tmp_path / 'x'}"])
     assert "objective.teacher" in msg
+
+
+def test_baselines_of_a_distilled_run_add_the_teacher_and_the_no_kd_student(world, tmp_path, capsys):
+    from sftlab.eval.baselines import run_baselines
+
+    kd = run(world, tmp_path / "kd", *distill(world))
+    dev = [o for o in world["base"] if o.startswith("data.dev=")][0].split("=", 1)[1]
+    rows = run_baselines(str(kd), dev, bf16=False)
+    assert {"fine_tuned", "majority", "from_scratch", "teacher", "no_kd"} <= set(rows)
+    for name in ("fine_tuned", "teacher", "no_kd"):
+        r = rows[name]
+        assert r["params"] > 0 and r["ms_per_row_batch1"] > 0 and r["rows_per_s_batch32"] > 0 and "accuracy" in r
+    twin = tmp_path / "kd" / "baselines" / "no_kd"
+    import yaml
+
+    assert yaml.safe_load((twin / "config.yaml").read_text())["objective"] == {"name": "sft"}
+    stamp = (twin / "summary.json").stat().st_mtime_ns
+    run_baselines(str(kd), dev, bf16=False)  # trained once, reused
+    assert (twin / "summary.json").stat().st_mtime_ns == stamp

@@ -47,13 +47,77 @@ def from_scratch(run_dir: Path, cfg) -> Path:
     twin = run_dir / "baselines" / "from_scratch"
     if (twin / "summary.json").is_file():
         return twin
+    from ..config import ObjectiveConfig
+
     tcfg = cfg.model_copy(deep=True)
     tcfg.model.from_scratch = True
     tcfg.strategy = type(cfg.strategy)(name="full")  # a random backbone must train; adapters on it mean nothing
-    tcfg.output_dir = str(twin)
+    tcfg = type(cfg).model_validate(tcfg.model_dump() | {"objective": ObjectiveConfig().model_dump(),
+                                                          "output_dir": str(twin)})  # plain SFT: no teacher
     print(f"training the from-scratch twin in {twin} (same data and budget, random init)", file=sys.stderr)
     resume = twin if (twin / "config.yaml").is_file() else None
     return train(tcfg, resume=resume)
+
+
+def no_kd(run_dir: Path, cfg) -> Path:
+    """A distilled run's twin without distillation (objective sft, all else equal), trained once and reused."""
+    from ..config import ObjectiveConfig
+    from ..train.loop import train
+
+    twin = run_dir / "baselines" / "no_kd"
+    if (twin / "summary.json").is_file():
+        return twin
+    tcfg = cfg.model_copy(deep=True, update={"objective": ObjectiveConfig()})
+    tcfg = type(cfg).model_validate(tcfg.model_dump() | {"output_dir": str(twin)})
+    print(f"training the same student without distillation in {twin}", file=sys.stderr)
+    return train(tcfg, resume=twin if (twin / "config.yaml").is_file() else None)
+
+
+def speed(folder: str | Path, texts: list[str], pairs: list[str] | None) -> dict:
+    """Parameters and CPU latency of a model as `sftlab predict` runs it: ms per row at batch 1, rows/s at 32."""
+    import time
+
+    from ..export.runtime import load_exported
+
+    exported = load_exported(folder)
+    model = getattr(exported, "model", None)
+    out = {"params": sum(p.numel() for p in model.parameters()) if model is not None else None}
+    texts, pairs = texts[:64], (pairs[:64] if pairs else None)
+    exported.logits(texts[:4], pairs[:4] if pairs else None)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(len(texts)):
+        exported.logits(texts[i:i + 1], pairs[i:i + 1] if pairs else None)
+    out["ms_per_row_batch1"] = 1000 * (time.perf_counter() - t0) / max(len(texts), 1)
+    exported.batch_size = 32
+    t0 = time.perf_counter()
+    exported.logits(texts, pairs)
+    out["rows_per_s_batch32"] = len(texts) / max(time.perf_counter() - t0, 1e-9)
+    return out
+
+
+def _distill_rows(run_dir: Path, cfg, data: str, batch_size: int, bf16: bool, fine_tuned: dict) -> dict:
+    """The teacher and the no-KD twin next to the distilled student, each with parameters and CPU latency."""
+    from ..data.examples import load_split
+    from ..export.runtime import read_export_meta
+    from ..objectives.teacher import model_folder
+
+    split, _ = load_split(cfg.data.model_copy(update={"dir": None}), data, cfg.task, None, need_label=False)
+    texts = [e.text for e in split.examples]
+    pairs = [e.text_pair for e in split.examples] if split.examples and split.examples[0].text_pair else None
+    teacher = model_folder(cfg.objective.teacher)
+    if read_export_meta(teacher) is not None:
+        from ..export.predict import evaluate_export
+
+        t_row = evaluate_export(teacher, data, batch_size=batch_size)
+    else:
+        t_row = evaluate_file(str(teacher), data, batch_size=batch_size, bf16=bf16, analysis=False)
+    twin = no_kd(run_dir, cfg)
+    rows = {"teacher": t_row | {"name": f"teacher ({cfg.objective.teacher})"},
+            "no_kd": evaluate_file(str(twin), data, batch_size=batch_size, bf16=bf16, analysis=False)}
+    fine_tuned |= speed(run_dir, texts, pairs)
+    rows["teacher"] |= speed(teacher, texts, pairs)
+    rows["no_kd"] |= speed(twin, texts, pairs)
+    return rows
 
 
 def run_baselines(run: str, data: str, *, batch_size: int = 128, bf16: bool = True, icl_shots: int = 4,
@@ -81,6 +145,8 @@ def run_baselines(run: str, data: str, *, batch_size: int = 128, bf16: bool = Tr
         rows["majority"] = majority(cfg, data, meta["labels"])
         twin = from_scratch(run_dir, cfg)
         rows["from_scratch"] = evaluate_file(str(twin), data, batch_size=batch_size, bf16=bf16)
+        if cfg.objective.name == "distill":
+            rows |= _distill_rows(run_dir, cfg, data, batch_size, bf16, rows["fine_tuned"])
     table[str(data)] = rows
     write_json(out_file, table)
     print(f"baselines: {out_file}", file=sys.stderr)
@@ -89,7 +155,7 @@ def run_baselines(run: str, data: str, *, batch_size: int = 128, bf16: bool = Tr
 
 PRIMARY = ("accuracy", "pearson", "label_accuracy", "exact_match", "rouge_l")
 NAMES = {"majority": "the majority class", "from_scratch": "the from-scratch twin", "zero_shot": "the base model "
-         "zero-shot"}
+         "zero-shot", "no_kd": "the same student trained without distillation", "teacher": "the teacher"}
 
 
 def flags(rows: dict) -> list[str]:
@@ -101,8 +167,9 @@ def flags(rows: dict) -> list[str]:
     metric = next((m for m in PRIMARY if isinstance(tuned.get(m), (int, float))), None)
     out = []
     for name, row in rows.items():
-        if name == "fine_tuned" or not isinstance(row, dict) or not isinstance(row.get(metric), (int, float)):
-            continue
+        if name in ("fine_tuned", "teacher") or not isinstance(row, dict) or not isinstance(row.get(metric),
+                                                                                             (int, float)):
+            continue  # a student below its teacher is the expected case, not a warning
         if tuned[metric] <= row[metric] + 1e-9:
             who = NAMES.get(name) or (f"{name[4:].split('_')[0]}-shot in-context learning" if name.startswith("icl_")
                                       else name)

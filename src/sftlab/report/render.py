@@ -134,13 +134,15 @@ def baseline_views(run: Run) -> list[dict]:
     def order(name: str):
         if name.startswith("icl_"):
             return 2, int("".join(c for c in name if c.isdigit()) or 0)
-        return {"majority": 0, "zero_shot": 1, "from_scratch": 3, "fine_tuned": 4}.get(name, 5), 0
+        rank = {"majority": 0, "zero_shot": 1, "from_scratch": 3, "no_kd": 4, "fine_tuned": 5, "teacher": 6}
+        return rank.get(name, 7), 0
 
     def label(name: str, row: dict) -> str:
         if name.startswith("icl_"):
             return f"{name[4:].split('_')[0]}-shot ICL (base model)"
         return {"majority": row.get("name") or "majority class", "zero_shot": "zero-shot (base model)",
-                "from_scratch": "from-scratch twin", "fine_tuned": "fine-tuned (this run)"}.get(name, name)
+                "from_scratch": "from-scratch twin", "fine_tuned": "fine-tuned (this run)",
+                "no_kd": "same student without distillation", "teacher": row.get("name") or "teacher"}.get(name, name)
 
     views = []
     for data, rows in (run.baselines or {}).items():
@@ -148,7 +150,9 @@ def baseline_views(run: Run) -> list[dict]:
         if not rows:
             continue
         names = sorted(rows, key=order)
-        keys = metric_keys(rows.values()) + ["examples"]
+        keys = metric_keys(rows.values()) + ["examples"] + [k for k in ("params", "ms_per_row_batch1",
+                                                                         "rows_per_s_batch32")
+                                                              if any(k in r for r in rows.values())]
         from ..eval.baselines import flags
 
         views.append({"data": data, "head": ["model"] + keys, "flags": flags(rows),
