@@ -44,6 +44,9 @@ class DataConfig(_Section):
     """Evaluation file used during training (best checkpoint, early stopping)."""
     test: str | None = None
     """Optional held-out file evaluated once with the best model at the end."""
+    unlabelled: str | None = None
+    """Text rows without labels (data.text column; a label column is ignored), learned from the teacher's soft
+    targets alone (objective distill, classification). Drawn as a second stream with its own epochs."""
     text: str | int = "text"
     """Column with the (first) text: a name, or a 0-based index for headerless files."""
     text_pair: str | int | None = None
@@ -353,6 +356,9 @@ class RunConfig(_Section):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if (self.data.prompt is None) != (self.data.completion is None):
             raise ValueError("data.prompt and data.completion go together: set both (or neither)")
+        if self.data.unlabelled is not None and (self.objective.name != "distill" or self.task != "classification"):
+            raise ValueError("data.unlabelled: unlabelled rows are learned from a teacher's soft targets; it needs "
+                             "objective.name=distill and task classification (remove it otherwise)")
         if self.data.packing and self.task != "causal_lm":
             raise ValueError("data.packing is for task: causal_lm; remove it or set task=causal_lm")
         if self.task == "regression" and self.data.labels is not None:

@@ -220,3 +220,49 @@ def test_baselines_of_a_distilled_run_add_the_teacher_and_the_no_kd_student(worl
     stamp = (twin / "summary.json").stat().st_mtime_ns
     run_baselines(str(kd), dev, bf16=False)  # trained once, reused
     assert (twin / "summary.json").stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------------------------------- unlabelled stream
+
+def unlabelled_file(tmp_path, n=20):
+    rows = [{"text": r["text"] + " indeed"} for r in make_rows(n, seed=7)]
+    return write_jsonl(tmp_path / "unlabelled.jsonl", rows)
+
+
+def test_unlabelled_rows_are_distilled_as_a_second_stream(world, tmp_path):
+    u = unlabelled_file(tmp_path)
+    kd = run(world, tmp_path / "kd", *distill(world), f"data.unlabelled={u}")
+    recs = records(kd)
+    assert all(r["loss/soft_unlabelled"] >= 0 for r in recs)
+    for r in recs:
+        assert r["loss"] == pytest.approx(0.5 * r["loss/hard"] + 0.5 * r["loss/soft"] + 0.5 * r["loss/soft_unlabelled"],
+                                          rel=1e-5)
+    summary = json.loads((kd / "summary.json").read_text())
+    assert summary["examples"] == 6 * 8 and summary["data"]["unlabelled"]["rows"] == 20  # labelled rows counted
+
+
+def test_resume_with_the_unlabelled_stream_in_another_epoch_equals_uninterrupted(world, tmp_path, monkeypatch):
+    """48 labelled rows (6 steps an epoch) and 20 unlabelled (3 steps an epoch): at the step-4 checkpoint the
+    labelled stream is in epoch 0 and the unlabelled one in epoch 1."""
+    u = unlabelled_file(tmp_path)
+    args = [*distill(world), f"data.unlabelled={u}", "train.max_steps=8", "train.eval_every=4"]
+    ref = run(world, tmp_path / "ref", *args)
+    real = crash_after_checkpoint(monkeypatch, step=4)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "part", *args)
+    state = json.loads((tmp_path / "part" / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["epoch"] == 0 and state["streams"]["unlabelled"] == [1, 1]
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    run(world, tmp_path / "part", *args, resume=tmp_path / "part")
+    a, b = weights(ref), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unlabelled_misuse_is_one_line(world, tmp_path, capsys):
+    u = unlabelled_file(tmp_path)
+    msg = one_line(capsys, ["train", "-", *world["base"], f"data.unlabelled={u}", f"output_dir={tmp_path / 'a'}"])
+    assert "data.unlabelled" in msg and "objective.name=distill" in msg
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"sentence": "no text column here"}] * 3)
+    msg = one_line(capsys, ["train", "-", *world["base"], *distill(world), f"data.unlabelled={bad}",
+                            f"output_dir={tmp_path / 'b'}"])
+    assert "bad.jsonl" in msg and "no column 'text'" in msg

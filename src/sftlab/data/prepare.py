@@ -34,7 +34,9 @@ class Prepared:
                 "capped": enc.capped,
                 "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
             }
-            if task == "classification":
+            if name == "unlabelled":
+                pass
+            elif task == "classification":
                 counts = Counter(self.labels.names[e.label] for e in split.examples)
                 info["labels"] = {n: counts.get(n, 0) for n in self.labels.names}
             else:
@@ -58,6 +60,10 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
         split, out.labels = load_split(d, path, cfg.task, out.labels, limit=limits[name])
         out.splits[name] = split
         out.encoded[name] = encode(tokenizer, split.examples, d.max_length)
+    if d.unlabelled is not None and "train" in splits:  # labels ignored: the teacher provides the targets
+        split, _ = load_split(d, d.unlabelled, cfg.task, out.labels, need_label=False)
+        out.splits["unlabelled"] = split
+        out.encoded["unlabelled"] = encode(tokenizer, split.examples, d.max_length)
     return out
 
 
@@ -71,7 +77,7 @@ def format_report(report: dict) -> str:
             lines.append(f"{name}: {r['examples']} examples, {r['tokens']} tokens ({r['loss_tokens']} with loss)"
                          f"{packs}{extra}; tokens p50={t['p50']} p90={t['p90']} max={t['max']}  [{r['source']}]")
             continue
-        extra = ", ".join(f"{k}={v}" for k, v in r.get("labels", r.get("target", {})).items())
+        extra = ", ".join(f"{k}={v}" for k, v in r.get("labels", r.get("target", {})).items()) or "labels ignored"
         skipped = f", skipped {sum(r['skipped'].values())} {r['skipped']}" if r["skipped"] else ""
         trunc = f", truncated {r['truncated']} (longer than data.max_length)" if r["truncated"] else ""
         t = r["tokens"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import model_validator
 
@@ -77,16 +78,22 @@ class Distill:
             self.targets = teacher_topk(o.teacher, data.encoded["train"], tokenizer, k=o.top_k,
                                         temperature=o.temperature, pad_id=pad, cache=o.cache is not False)
             return
-        examples = data.splits["train"].examples
-        pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
         labels = data.labels.names if data.labels else None
-        self.teacher = torch.from_numpy(teacher_logits(o.teacher, [e.text for e in examples], pairs, labels=labels,
-                                                       max_length=cfg.data.max_length, cache=o.cache is not False))
+        tables = []
+        for stream in ("train", "unlabelled"):  # one row space: unlabelled rows follow the labelled ones (loop.py)
+            if stream not in data.splits:
+                continue
+            examples = data.splits[stream].examples
+            pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
+            tables.append(teacher_logits(o.teacher, [e.text for e in examples], pairs, labels=labels,
+                                         max_length=cfg.data.max_length, cache=o.cache is not False))
+        self.n_labelled = len(data.splits["train"].examples)
+        self.teacher = torch.from_numpy(np.concatenate(tables))
 
     def frozen(self) -> dict[str, str]:
         return {"teacher": self.fp}
 
-    def __call__(self, model, batch: dict, rows: list[int]) -> LossOut:
+    def __call__(self, model, batch: dict, rows: list[int], units: dict[str, int]) -> LossOut:
         hard, logits = self.task_loss(model, batch)
         if self.causal:  # logits: [loss positions, vocab], row-major in `rows` order, as the cache stores them
             off = self.targets["offsets"]
@@ -97,6 +104,14 @@ class Distill:
         target = self.teacher[rows].to(logits.device)
         if self.regression:
             soft = ((logits.float().squeeze(-1) - target.squeeze(-1)) ** 2).sum()
-        else:
+            return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
+        unl = torch.tensor([r >= self.n_labelled for r in rows], device=logits.device)
+        if not unl.any():
             soft = soft_kl(logits, target, self.temperature)
-        return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
+            return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
+        # Unlabelled rows: soft targets only, weighted alpha, as the mean over the step's unlabelled rows (the loop
+        # divides every sum by the labelled units, so their sum is rescaled by labelled / unlabelled units).
+        soft = soft_kl(logits[~unl], target[~unl], self.temperature)
+        soft_u = soft_kl(logits[unl], target[unl], self.temperature) * units["train"] / units["unlabelled"]
+        total = mix(hard, soft, self.alpha) + self.alpha * soft_u
+        return LossOut(total, {"hard": hard.detach(), "soft": soft.detach(), "soft_unlabelled": soft_u.detach()})

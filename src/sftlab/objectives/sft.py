@@ -38,6 +38,7 @@ class SFT:
         """Fingerprints of frozen extra models, stored in checkpoints and checked on resume: none here."""
         return {}
 
-    def __call__(self, model, batch: dict, rows: list[int]) -> LossOut:
+    def __call__(self, model, batch: dict, rows: list[int], units: dict[str, int]) -> LossOut:
+        """rows: the micro-batch's row ids; units: this step's loss units per stream, over every process."""
         loss_sum, _ = self.task_loss(model, batch)
         return LossOut(loss_sum, {})

@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
 from ..config import RunConfig, dump_config
-from ..data.batches import collate, micro_batches, step_batches
+from ..data.batches import collate, join, micro_batches, step_batches
 from ..data.lm import collate_lm
 from ..data.prepare import format_report, prepare
 from ..errors import ConfigError, RunDirError, TrainingError
@@ -134,15 +135,21 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     else:
         collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression", multiple)  # noqa: E731
 
+    # A second stream (data.unlabelled): its rows follow the labelled ones in one row space and are drawn per step
+    # with their own epochs and order (seeded apart), so a micro-batch mixes both and runs one forward and backward.
+    n_labelled, unlabelled = len(train_data), data.encoded.get("unlabelled")
+    if unlabelled is not None:
+        train_data = join(train_data, unlabelled)
+        u_seed = t.seed * 7 + zlib.crc32(b"unlabelled") % 1_000_003
     lengths = train_data.lengths
     token_budget = t.micro_batch_tokens
     if token_budget == "auto":  # the typical batch's padded size; only outliers get cut
-        token_budget = t.batch_size * max(1, int(np.percentile(lengths, 90))) if lengths else None
+        token_budget = t.batch_size * max(1, int(np.percentile(lengths[:n_labelled], 90))) if lengths else None
     eval_tokens = 4 * token_budget if token_budget else None  # no activations kept for backward: ~4x the tokens
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
     # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
-    weights = train_data.weights if causal else [1] * len(train_data)
-    row_examples = train_data.row_examples if causal else [1] * len(train_data)  # packs count their examples
+    weights = train_data.weights if causal else [1] * n_labelled + [0] * (len(train_data) - n_labelled)
+    row_examples = train_data.row_examples if causal else weights  # packs count their examples
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
     sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
@@ -153,6 +160,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     # --- resume: model, optimizer, scheduler, RNG and data position ----------------------------------------
     state = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "bad_steps": 0,
              "skipped_steps": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None}
+    if unlabelled is not None:
+        state["streams"] = {"unlabelled": [0, 0]}  # [epoch, step in epoch] of each stream beyond the labelled one
     step = 0
     ckpts = complete_checkpoints(run_dir) if resume else []
     if ckpts:
@@ -215,21 +224,31 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
         acc.wait_for_everyone()
 
-    def micro_pass(micro: list[list[int]], units: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def next_unlabelled() -> list[int]:
+        """This step's unlabelled rows (as many as a labelled step), advancing the stream's own position."""
+        epoch_u, at = state["streams"]["unlabelled"]
+        batches_u = step_batches(unlabelled.lengths, step_size, u_seed, epoch_u, t.group_by_length)
+        if at >= len(batches_u):  # the stream wraps into its next epoch on its own
+            epoch_u, at = epoch_u + 1, 0
+            batches_u = step_batches(unlabelled.lengths, step_size, u_seed, epoch_u, t.group_by_length)
+        state["streams"]["unlabelled"] = [epoch_u, at + 1]
+        return [n_labelled + i for i in batches_u[at]]
+
+    def micro_pass(micro: list[list[int]], units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         step_loss, parts = torch.zeros((), device=acc.device), {}
         for k, idx in enumerate(micro):
             batch = {key: v.to(acc.device) for key, v in collate_fn(train_data, idx).items()}
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                out = objective(model, batch, idx)
+                out = objective(model, batch, idx, units)
             # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
-            acc.backward(out.total * acc.num_processes / units)
+            acc.backward(out.total * acc.num_processes / units["train"])
             step_loss += out.total.detach().float()
             for name, part in out.parts.items():
                 parts[name] = parts.get(name, 0) + part.float()
         return step_loss, parts
 
-    def forward_backward(step_batch: list[int], units: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_backward(step_batch: list[int], units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of one step's micro-batches; its summed loss and loss parts, on the device (no host
         sync).
         Out of memory with train.auto_batch_size: halve the micro-batch, double accumulation, redo the step."""
@@ -281,15 +300,20 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     delay = step_delay_for_tests()
     while not stop:
         epoch = state["epoch"]
-        batches = step_batches(lengths, step_size, t.seed, epoch, t.group_by_length)
+        batches = step_batches(lengths[:n_labelled], step_size, t.seed, epoch, t.group_by_length)
         for step_batch in batches[state["step_in_epoch"]:]:
             if delay:
                 time.sleep(delay)
             tick = time.perf_counter()
             if plan.on_step:
                 plan.on_step(step)
-            units = sum(weights[i] for i in step_batch)
-            step_loss, step_parts = forward_backward(step_batch, units)
+            units = {"train": sum(weights[i] for i in step_batch)}  # loss units of this step, per stream
+            rows = step_batch
+            if unlabelled is not None:
+                extra = next_unlabelled()
+                rows, units["unlabelled"] = step_batch + extra, len(extra)
+            step_loss, step_parts = forward_backward(rows, units)
+            units = units["train"]
             if sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
                 grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm or float("inf"), optimizer)
             elif t.max_grad_norm:
