@@ -106,3 +106,33 @@ def test_early_stopping_and_best_checkpoint(tiny_overrides, tmp_path):
     assert summary["best_step"] == evals[best]["step"]
     assert summary["steps"] < 80  # stopped long before 10 epochs x 8 steps
     assert len(evals) - 1 - best == 2  # exactly `patience` evaluations without improvement
+
+
+def test_checkpoints_from_before_objectives_still_resume(tiny_overrides, tmp_path, monkeypatch):
+    """A checkpoint written before issue 15/16 (the whole model strictly loaded; no model_tensors, frozen,
+    window_parts or streams in state.json) resumes to the weights of a straight run."""
+    import sftlab.train.loop as loop
+
+    ref = run(tiny_overrides + ["train.eval_every=4"], tmp_path, "ref")
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(run_dir, step, *a, **k):
+        real_save(run_dir, step, *a, **k)
+        if step == 4:
+            raise Crash()
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    part = tmp_path / "part"
+    cfg = load_config(None, tiny_overrides + ["train.eval_every=4", f"output_dir={part}"])
+    with pytest.raises(Crash):
+        train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    state_file = part / "checkpoints" / "step-0000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("model_tensors", "frozen", "window_parts", "streams"):
+        state.pop(key, None)
+    state_file.write_text(json.dumps(state))
+    (part / "labels.json").unlink()  # runs before the label record: the label set is read from best/sftlab.json
+    train(cfg, resume=part)
+    wa, wb = last_ckpt_weights(ref), last_ckpt_weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
