@@ -152,7 +152,7 @@ def test_report_shows_the_loss_parts(world, tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", str(kd), str(sft), "--out", str(out), "--no-eval"]) == 0
     html = out.read_text()
-    assert "loss parts over steps" in html
+    assert "loss parts over steps" in html and "name=distill" in html and "alpha=0.5" in html
     out2 = tmp_path / "s.html"
     assert main(["report", str(sft), "--out", str(out2), "--no-eval"]) == 0
     assert "loss parts" not in out2.read_text()  # plain SFT has no parts: no empty panel, no note

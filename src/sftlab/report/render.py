@@ -45,8 +45,16 @@ def summary_rows(runs: list[Run]) -> list[tuple[str, list]]:
     rows = [("task", [cell(r.task) for r in runs]),
             ("model", [cell((r.config.get("model") or {}).get("name")) for r in runs]),
             # the resolved config lists every strategy option, most unused by the chosen one: the name only here
-            ("strategy", [cell((r.config.get("strategy") or {}).get("name")) for r in runs]),
-            ("best metric", [cell(r.best_metric) for r in runs])]
+            ("strategy", [cell((r.config.get("strategy") or {}).get("name")) for r in runs])]
+    objectives = [(r.config.get("objective") or {}) for r in runs]
+    if any(o.get("name", "sft") != "sft" for o in objectives):  # distill: the teacher, T and alpha too
+        rows.append(("objective", [cell(" ".join(f"{k}={v}" for k, v in o.items() if k in ("name", "teacher",
+                                                                                          "temperature", "alpha")))
+                                   for o in objectives]))
+    if any(r.config.get("model", {}).get("keep_layers") for r in runs):
+        rows.append(("kept layers", [cell(str((r.config.get("model") or {}).get("keep_layers") or "all"))
+                                     for r in runs]))
+    rows.append(("best metric", [cell(r.best_metric) for r in runs]))
     for split in ("dev", "test"):
         for k in metric_keys(x.get(f"{split}_metrics") for x in s):
             rows.append((f"{split} {k}", [cell((x.get(f"{split}_metrics") or {}).get(k)) for x in s]))
