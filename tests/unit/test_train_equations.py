@@ -112,19 +112,13 @@ def test_checkpoints_from_before_objectives_still_resume(tiny_overrides, tmp_pat
     """A checkpoint written before issue 15/16 (the whole model strictly loaded; no model_tensors, frozen,
     window_parts or streams in state.json) resumes to the weights of a straight run."""
     import sftlab.train.loop as loop
+    from tests.conftest import crash_after_checkpoint
 
     ref = run(tiny_overrides + ["train.eval_every=4"], tmp_path, "ref")
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 4:
-            raise Crash()
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    real_save = crash_after_checkpoint(monkeypatch, step=4)
     part = tmp_path / "part"
     cfg = load_config(None, tiny_overrides + ["train.eval_every=4", f"output_dir={part}"])
-    with pytest.raises(Crash):
+    with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     state_file = part / "checkpoints" / "step-0000004" / "state.json"
