@@ -118,7 +118,8 @@ CASES = {
     "report: not a run": Case(["report", "{u}/notokenizer"], ("notokenizer",)),
     "compare: unknown strategy": Case(["compare", *T, "--strategies", "full,lorra", "--out", "{u}/cmp"],
                                       ("lorra",)),
-    "tune: bad space": Case(["tune", *T, "data.dev={u}/train.jsonl", "--trials", "1", "--space", "{u}/space.yaml", "--out", "{u}/tune"],
+    "tune: bad space": Case(["tune", *T, "data.dev={u}/train.jsonl", "--trials", "1", "--space", "{u}/space.yaml",
+                             "--out", "{u}/tune"],
                             ("low", "high")),
     # --- 6: slow or loose edges ----------------------------------------------------------------------------------
     "train: mistyped packaged name": Case(["train", "-", "model.name=minilm-l7", "data.train={u}/train.jsonl"],

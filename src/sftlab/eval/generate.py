@@ -26,8 +26,9 @@ from ..errors import ConfigError, DataError
 _KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def generate(model, tokenizer, prompts: list[str] | list[list[int]], *, max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None,
+def generate(model, tokenizer, prompts: list[str] | list[list[int]], *, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             stop: list[str] | None = None,
              batch_size: int = 16, device=None, bf16: bool = False, progress: bool = False) -> list[str]:
     """Generates a continuation of each prompt (rendered text, or its token ids); returns the new text only, in
     the order of `prompts`.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
@@ -92,14 +92,12 @@ def teacher_logits(spec: str | Path, texts: list[str], pairs: list[str] | None, 
                    max_length: int, batch_size: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
     """The teacher's logits for these rows (cached unless `cache` is false); refuses a teacher whose label set
     differs from `labels`."""
-    key_src = json.dumps([fingerprint(spec), max_length, texts, pairs], ensure_ascii=False)
-    key = hashlib.sha256(key_src.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    file = cache_root() / "teacher-logits" / f"{key}.safetensors"
+    file = _cache_file("teacher-logits", fingerprint(spec), max_length, texts, pairs)
     if cache and file.is_file():  # made for this teacher, these rows and max_length; its label set was checked then
         with safe_open(str(file), "np") as f:
             made_for = json.loads(f.metadata().get("labels", "null"))
         _same_labels(spec, made_for, labels)
-        return load_file(str(file))["logits"]
+        return load_file(str(file))["logits"].numpy()
     teacher = _open(spec)
     if teacher.task == "causal_lm":
         raise ConfigError(f"objective.teacher: {spec} is a decoder; logit distillation of a "
@@ -118,14 +116,24 @@ def teacher_logits(spec: str | Path, texts: list[str], pairs: list[str] | None, 
     if progress:
         print(f"teacher logits: {len(texts)} rows in {seconds:.1f}s ({len(texts) / max(seconds, 1e-9):.1f} rows/s)"
               + (f", cached in {file}" if cache else ""), file=sys.stderr)
-    if not cache:
-        return out
+    if cache:
+        _store(file, {"logits": torch.from_numpy(out)}, {"teacher": str(spec), "labels": json.dumps(labels),
+                                                           "rows": str(len(texts)), "max_length": str(max_length)})
+    return out
+
+
+def _cache_file(kind: str, *key) -> Path:
+    """`$SFTLAB_CACHE/<kind>/<sha256 of the key>.safetensors`: content-addressed, shared by runs and processes."""
+    digest = hashlib.sha256(json.dumps(key, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+    return cache_root() / kind / f"{digest[:32]}.safetensors"
+
+
+def _store(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Written whole or not at all (a per-process temporary renamed into place): concurrent writers are harmless."""
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"logits": out}, str(tmp), metadata={"teacher": str(spec), "labels": json.dumps(labels),
-                                                     "rows": str(len(texts)), "max_length": str(max_length)})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, file)
-    return out
 
 
 def _same_labels(spec, teacher: list[str] | None, student: list[str] | None) -> None:
@@ -153,12 +161,10 @@ def teacher_topk(spec: str | Path, data, tokenizer, *, k: int, temperature: floa
     from ..data.lm import collate_lm
     from .causal_lm import causal_lm_loss
 
-    key_src = json.dumps([fingerprint(spec), k, temperature, data.input_ids, data.labels, data.position_ids])
-    file = cache_root() / "teacher-topk" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.safetensors"
+    file = _cache_file("teacher-topk", fingerprint(spec), k, temperature, data.input_ids, data.labels,
+                       data.position_ids)
     if cache and file.is_file():
-        from safetensors.torch import load_file as load_torch
-
-        return load_torch(str(file))
+        return load_file(str(file))
     teacher = _open(spec)
     if teacher.task != "causal_lm":
         raise ConfigError(f"objective.teacher: {spec} is a {teacher.task} model; token-level distillation of a "
@@ -192,10 +198,5 @@ def teacher_topk(spec: str | Path, data, tokenizer, *, k: int, temperature: floa
         print(f"teacher top-{k}: {len(data)} rows, {sum(sizes)} loss positions in "
               f"{time.perf_counter() - t0:.1f}s" + (f", cached in {file}" if cache else ""), file=sys.stderr)
     if cache:
-        from safetensors.torch import save_file as save_torch
-
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp-{os.getpid()}")
-        save_torch(out, str(tmp), metadata={"teacher": str(spec), "k": str(k)})
-        os.replace(tmp, file)
+        _store(file, out, {"teacher": str(spec), "k": str(k)})
     return out

@@ -158,7 +158,8 @@ def _ensure_dev_analysis(run: Run) -> None:
     resolved = Path(resolve_path(data_cfg, dev)) if data_cfg else None
     target = str(resolved.resolve()) if resolved is not None and resolved.is_file() else dev
     bf16 = resolve_precision((run.config.get("train") or {}).get("precision", "auto"))
-    why = "" if existing is None else f" (the saved one is of step {existing.get('step')}, limit {existing.get('limit')})"
+    why = "" if existing is None else (f" (the saved one is of step {existing.get('step')}, limit "
+                                       f"{existing.get('limit')})")
     print(f"report: {run.name}: error analysis of the best model (step {run.meta.get('step')}) on {dev}{why}",
           file=sys.stderr)
     try:
