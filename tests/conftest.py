@@ -50,6 +50,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory) -> Path:
+    """tiny_model_dir's twin 48 wide (same tokenizer, layers and heads): a teacher whose hidden states need a
+    projection from a tiny student's."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sftlab.models import resolve_model
+
+    out = tmp_path_factory.mktemp("wide-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=96, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(1)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def model_pair(model_dir, task="classification", attention="sdpa"):
     """Two identical loads of a classifier (same head weights), to patch one and compare it with the other."""
     from sftlab.models import load_model

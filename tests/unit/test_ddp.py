@@ -56,15 +56,21 @@ def test_two_processes_equal_one(tiny_overrides, tmp_path, launcher):
     assert json.loads((two / "summary.json").read_text())["processes"] == 2
 
 
-def test_two_processes_equal_one_when_distilling(tiny_overrides, tmp_path):
-    """Issue 16: distillation (cached teacher logits looked up by row id on every rank) keeps 2 processes == 1."""
+@pytest.mark.parametrize("terms", ["logits", "internals"])
+def test_two_processes_equal_one_when_distilling(tiny_overrides, wide_model_dir, tmp_path, terms):
+    """Issue 16: distillation (cached teacher logits looked up by row id on every rank) keeps 2 processes == 1;
+    so do the intermediate terms from a live, wider teacher, whose projection trains outside DDP (its gradient is
+    averaged by hand) and is checkpointed beside the model."""
     from sftlab.config import load_config
     from sftlab.train.loop import train
 
+    wide = [f"model.name={wide_model_dir}"] if terms == "internals" else []
     teacher = train(load_config(None, [o for o in tiny_overrides if not o.startswith("output_dir")]
-                                + ["train.max_steps=4", f"output_dir={tmp_path / 'teacher'}"]))
+                                + wide + ["train.max_steps=4", f"output_dir={tmp_path / 'teacher'}"]))
     common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + [
         "train.epochs=1", "objective.name=distill", f"objective.teacher={teacher}", "objective.alpha=0.5"]
+    if terms == "internals":
+        common += ["objective.attention_weight=1", "objective.hidden_weight=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SFTLAB_CACHE=str(tmp_path / "cache"))
     two, one = tmp_path / "ddp", tmp_path / "single"
     for argv, out in ((LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4"], two),
@@ -74,3 +80,8 @@ def test_two_processes_equal_one_when_distilling(tiny_overrides, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     wa, wb = ckpt(two), ckpt(one)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    if terms == "internals":
+        ea, eb = (load_file(str(sorted((d / "checkpoints").glob("step-*"))[-1] / "extras.safetensors"))
+                  for d in (two, one))
+        assert ea.keys() == {"hidden_proj.weight", "hidden_proj.bias"}
+        assert max((ea[k] - eb[k]).abs().max().item() for k in ea) <= 1e-5

@@ -110,7 +110,7 @@ def one_line(capsys, argv) -> str:
     (["objective.temperature=0"], "objective.temperature must be > 0"),
     (["objective.alpha=1.5"], "objective.alpha must be in [0, 1]"),
     (["objective.temperatur=2"], "did you mean objective.temperature?"),
-    (["objective.attention_weight=1"], "not implemented yet"),
+    (["objective.hidden_weight=-0.5"], "objective.hidden_weight must be >= 0"),
 ])
 def test_bad_options_are_one_line(world, extra, words, capsys, tmp_path):
     msg = one_line(capsys, ["train", "-", *world["base"], *distill(world), *extra, f"output_dir={tmp_path / 'x'}"])

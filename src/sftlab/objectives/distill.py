@@ -10,9 +10,12 @@ every checkpoint: a resume with a changed teacher is refused.
 Decoders (`task: causal_lm`): token-level KD on the teacher's top-k next-token distribution at every loss position
 (kd_losses.topk_kl), cached the same way; the teacher must share the student's vocabulary (checked).
 
-alpha = 0 is the task loss itself (kd_losses.mix), so the run equals `sft` bit for bit (tested). Not in this step
-(issue 16, in progress): the attention / hidden-state terms (TinyBERT) and an unlabelled stream; their options are
-declared and refused with a line that says so.
+alpha = 0 is the task loss itself (kd_losses.mix), so the run equals `sft` bit for bit (tested).
+
+Intermediate layers (encoders, same tokenizer; internals.py): `attention_weight` x attention-map MSE and
+`hidden_weight` x hidden-state MSE (TinyBERT) are added to the loss above; the teacher then runs live on each
+micro-batch (its logits from that pass are the soft targets) and a projection joins the trainable extras when the
+widths differ. loss = (1 - alpha) * hard + alpha * soft + attention_weight * attention + hidden_weight * hidden.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ import torch
 from pydantic import model_validator
 
 from ..config import ObjectiveConfig
+from ..errors import ConfigError
 from ..registry import training_objectives
+from .internals import LiveTeacher, Recording, plan
 from .kd_losses import mix, soft_kl, topk_kl
 from .sft import LossOut
-from .teacher import fingerprint, teacher_logits, teacher_topk
+from .teacher import _open, _same_labels, fingerprint, model_folder, teacher_logits, teacher_topk
 
 
 class DistillConfig(ObjectiveConfig):
@@ -38,9 +43,9 @@ class DistillConfig(ObjectiveConfig):
     alpha: float = 0.5
     """Weight of the soft loss; (1 - alpha) on the hard-label task loss. 0: plain SFT."""
     attention_weight: float = 0.0
-    """Attention-map MSE (TinyBERT; same tokenizer). Not implemented yet: must be 0."""
+    """Weight of the attention-map MSE (TinyBERT; same tokenizer and heads). Usual: 1."""
     hidden_weight: float = 0.0
-    """Hidden-state MSE with a learned projection (TinyBERT). Not implemented yet: must be 0."""
+    """Weight of the hidden-state MSE, through a learned projection when widths differ (TinyBERT). Usual: 1."""
     layer_map: Literal["auto"] | list[int] = "auto"
     """Student layer i <- teacher layer (for the intermediate terms); auto = uniform."""
     cache: Literal["auto"] | bool = "auto"
@@ -58,9 +63,10 @@ class DistillConfig(ObjectiveConfig):
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"objective.alpha must be in [0, 1] (the soft loss's weight), got {self.alpha}")
         for key in ("attention_weight", "hidden_weight"):
-            if getattr(self, key) != 0:
-                raise ValueError(f"objective.{key}: intermediate-layer distillation is not implemented yet "
-                                 f"(issue 16 in progress); set it to 0 for logit distillation")
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"objective.{key} must be >= 0 (0 turns the term off), got {getattr(self, key)}")
+        if self.layer_map != "auto" and not self.layer_map:
+            raise ValueError("objective.layer_map: give one teacher layer per student layer, or auto")
         return self
 
 
@@ -72,13 +78,18 @@ class Distill:
         o = cfg.objective
         self.task_loss, self.alpha, self.temperature = task_loss, o.alpha, o.temperature
         self.regression, self.causal = cfg.task == "regression", cfg.task == "causal_lm"
-        self.fp = fingerprint(o.teacher)
+        self.fp, self.live = fingerprint(o.teacher), None
         if self.causal:  # token-level: the teacher's top-k next tokens at every loss position of every row
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             self.targets = teacher_topk(o.teacher, data.encoded["train"], tokenizer, k=o.top_k,
                                         temperature=o.temperature, pad_id=pad, cache=o.cache is not False)
             return
         labels = data.labels.names if data.labels else None
+        self.n_labelled = len(data.splits["train"].examples)
+        if self.internals(cfg):  # a live teacher: its logits come from the same pass as its internals
+            self.live = LiveTeacher(model_folder(o.teacher), cfg, tokenizer, _open)
+            _same_labels(o.teacher, self.live.labels, labels)
+            return
         tables = []
         for stream in ("train", "unlabelled"):  # one row space: unlabelled rows follow the labelled ones (loop.py)
             if stream not in data.splits:
@@ -87,13 +98,37 @@ class Distill:
             pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
             tables.append(teacher_logits(o.teacher, [e.text for e in examples], pairs, labels=labels,
                                          max_length=cfg.data.max_length, cache=o.cache is not False))
-        self.n_labelled = len(data.splits["train"].examples)
         self.teacher = torch.from_numpy(np.concatenate(tables))
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Before anything is written: the teacher exists and, for the intermediate terms, fits the student."""
+        folder = model_folder(cfg.objective.teacher)
+        if cls.internals(cfg):
+            from ..models import load_tokenizer
+
+            if cfg.task == "causal_lm":
+                raise ConfigError("objective.attention_weight / hidden_weight: intermediate-layer distillation is for "
+                                  "encoders (classification, regression); decoders take token-level KD (set both "
+                                  "to 0)")
+            plan(cfg, folder, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code))
+
+    @staticmethod
+    def internals(cfg) -> set[str]:
+        """Student outputs beyond logits this objective reads (the loop keeps the model able to return them)."""
+        o = cfg.objective
+        return {name for name, w in (("attentions", o.attention_weight), ("hidden_states", o.hidden_weight)) if w}
+
+    def extras(self) -> torch.nn.ModuleDict:
+        """Trainable modules beside the model (the hidden-state projection): optimized and checkpointed."""
+        return self.live.extras if self.live is not None else torch.nn.ModuleDict()
 
     def frozen(self) -> dict[str, str]:
         return {"teacher": self.fp}
 
     def __call__(self, model, batch: dict, rows: list[int], units: dict[str, int]) -> LossOut:
+        if self.live is not None:
+            model = Recording(model, **self.live.flags())
         hard, logits = self.task_loss(model, batch)
         if self.causal:  # logits: [loss positions, vocab], row-major in `rows` order, as the cache stores them
             off = self.targets["offsets"]
@@ -101,17 +136,29 @@ class Distill:
             values, ids, lse = (self.targets[n][pick].to(logits.device) for n in ("values", "ids", "lse"))
             soft = topk_kl(logits, values, ids, self.temperature, lse)
             return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
-        target = self.teacher[rows].to(logits.device)
+        t_out = self.live.forward(batch) if self.live is not None else None
+        target = t_out.logits.float() if t_out is not None else self.teacher[rows].to(logits.device)
+        unl = torch.tensor([r >= self.n_labelled for r in rows], device=logits.device)
         if self.regression:
             soft = ((logits.float().squeeze(-1) - target.squeeze(-1)) ** 2).sum()
-            return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
-        unl = torch.tensor([r >= self.n_labelled for r in rows], device=logits.device)
-        if not unl.any():
+            total, parts = mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()}
+        elif not unl.any():
             soft = soft_kl(logits, target, self.temperature)
-            return LossOut(mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()})
-        # Unlabelled rows: soft targets only, weighted alpha, as the mean over the step's unlabelled rows (the loop
-        # divides every sum by the labelled units, so their sum is rescaled by labelled / unlabelled units).
-        soft = soft_kl(logits[~unl], target[~unl], self.temperature)
-        soft_u = soft_kl(logits[unl], target[unl], self.temperature) * units["train"] / units["unlabelled"]
-        total = mix(hard, soft, self.alpha) + self.alpha * soft_u
-        return LossOut(total, {"hard": hard.detach(), "soft": soft.detach(), "soft_unlabelled": soft_u.detach()})
+            total, parts = mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()}
+        else:
+            # Unlabelled rows: soft targets only, weighted alpha, as the mean over the step's unlabelled rows (the
+            # loop divides every sum by the labelled units, so their sum is rescaled by labelled / unlabelled units).
+            soft = soft_kl(logits[~unl], target[~unl], self.temperature)
+            soft_u = soft_kl(logits[unl], target[unl], self.temperature) * units["train"] / units["unlabelled"]
+            total = mix(hard, soft, self.alpha) + self.alpha * soft_u
+            parts = {"hard": hard.detach(), "soft": soft.detach(), "soft_unlabelled": soft_u.detach()}
+        if t_out is not None:  # intermediate terms: per-row sums; unlabelled rows as their stream's mean, as above
+            terms = self.live.terms(model.out, t_out, batch["attention_mask"], ~unl if unl.any() else None)
+            if unl.any():
+                scale = units["train"] / units["unlabelled"]
+                for name, value in self.live.terms(model.out, t_out, batch["attention_mask"], unl).items():
+                    terms[name] = terms[name] + value * scale
+            for name, value in terms.items():
+                total = total + getattr(self.live, f"{name}_weight") * value
+                parts[name] = value.detach()
+        return LossOut(total, parts)

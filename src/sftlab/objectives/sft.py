@@ -34,6 +34,19 @@ class SFT:
     def __init__(self, cfg, data, task_loss, tokenizer):
         self.task_loss = task_loss
 
+    @staticmethod
+    def check(cfg) -> None:
+        """Checks that need more than the config (files, other models), run before anything is written: none."""
+
+    @staticmethod
+    def internals(cfg) -> set[str]:
+        """Student outputs beyond logits the objective reads ("attentions", "hidden_states"): none here."""
+        return set()
+
+    def extras(self) -> torch.nn.ModuleDict:
+        """Trainable modules beside the model (optimized and checkpointed with it): none here."""
+        return torch.nn.ModuleDict()
+
     def frozen(self) -> dict[str, str]:
         """Fingerprints of frozen extra models, stored in checkpoints and checked on resume: none here."""
         return {}

@@ -1,6 +1,7 @@
 """Checkpoints as safetensors + JSON only (nothing is ever unpickled), written atomically.
 
-Layout: RUN_DIR/checkpoints/step-000120/{model,optimizer,rng}.safetensors + state.json + COMPLETE.
+Layout: RUN_DIR/checkpoints/step-000120/{model,optimizer,rng}.safetensors + state.json + COMPLETE, and
+extras.safetensors when the objective trains modules beside the model (distill's hidden projection).
 Written to a `.tmp` folder, fsynced, renamed, then the COMPLETE marker: a kill mid-save leaves the
 previous checkpoint intact, and resume only ever reads folders with the marker.
 """
@@ -115,7 +116,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    extras: torch.nn.Module | None = None) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -126,6 +128,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     # resume, not copied into every checkpoint (issue 15: 557 MB per checkpoint for 4.9M trained parameters).
     trained = _optimized_names(model, optimizer)
     save_model_streamed(model, str(tmp / "model.safetensors"), trained)
+    if extras is not None and len(extras.state_dict()):
+        save_model_streamed(extras, str(tmp / "extras.safetensors"))
     opt_tensors, groups = _optimizer_tensors(optimizer)
     save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
@@ -162,9 +166,14 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restores model, optimizer, scheduler and RNG in place; returns the loop state from state.json."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, extras: torch.nn.Module | None = None) -> dict:
+    """Restores model, trainable extras, optimizer, scheduler and RNG in place; returns the loop state."""
     meta = json.loads((path / "state.json").read_text())
+    if extras is not None and len(extras.state_dict()):
+        if not (path / "extras.safetensors").is_file():
+            raise RunDirError(f"{path}: this run trains {', '.join(dict(extras.named_children()))} beside the model "
+                              f"but the checkpoint holds none (was it written by another objective?)")
+        load_model(extras, str(path / "extras.safetensors"))
     if meta.pop("model_tensors", None) == "optimized":  # frozen weights come from model.name, as at the start
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         stale = set(missing) & _optimized_names(model, optimizer)

@@ -39,7 +39,7 @@ from ..registry import objectives, training_objectives
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
-from .optim import build_optimizer, build_schedule, clip_grad_norm, sparse_embedding_gradients
+from .optim import build_optimizer, build_schedule, clip_grad_norm, param_groups, sparse_embedding_gradients
 from .rundir import check_labels, open_run_dir, save_best
 from .tracking import Tracker
 
@@ -83,6 +83,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     # --- run directory, data, model --------------------------------------------------------------------
     check_model(cfg.model.name, from_scratch=cfg.model.from_scratch, max_length=cfg.data.max_length,
                 trust_remote_code=cfg.model.trust_remote_code, keep_layers=cfg.model.keep_layers)  # nothing written yet
+    training_objectives.get(cfg.objective.name).check(cfg)  # e.g. distill's teacher exists and fits
     run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -102,11 +103,16 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length), keep_layers=cfg.model.keep_layers,
     )
-    if t.fused_attention and cfg.task in ("classification", "regression"):  # prefix tuning's cache takes the class path
+    # Student internals an objective reads (distill's attention / hidden terms): eager attention returns the maps,
+    # and the first-token shortcut of the last block would leave one position of its hidden states.
+    internals = training_objectives.get(cfg.objective.name).internals(cfg)
+    if "attentions" in internals:
+        model.set_attn_implementation("eager")
+    if t.fused_attention and cfg.task in ("classification", "regression") and not internals:  # prefix tuning's cache takes the class path
         from ..models.fused_attention import enable_fused_attention
 
         enable_fused_attention(model)
-    if t.first_token_last_layer and cfg.task in ("classification", "regression"):
+    if t.first_token_last_layer and cfg.task in ("classification", "regression") and not internals:
         from ..models.first_token import enable_first_token_last_layer
 
         if enable_first_token_last_layer(model) and main:
@@ -151,6 +157,11 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     weights = train_data.weights if causal else [1] * n_labelled + [0] * (len(train_data) - n_labelled)
     row_examples = train_data.row_examples if causal else weights  # packs count their examples
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
+    # Trainable extras beside the model (distill's hidden projection): the optimizer's last groups, in every checkpoint
+    extras = objective.extras().to(acc.device)
+    for group in param_groups(extras, t.weight_decay, t.lr):
+        optimizer.add_param_group(group)
+    extra_params = list(extras.parameters())
     # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
     sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
     scheduler = build_schedule(optimizer, t, total_steps)
@@ -165,7 +176,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     step = 0
     ckpts = complete_checkpoints(run_dir) if resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler)
+        state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler, extras)
         step = state.pop("step")
         state.setdefault("bad_steps", 0), state.setdefault("skipped_steps", 0)  # checkpoints older than the guard
         frozen = objective.frozen()
@@ -221,7 +232,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
         state["grad_accum"] = accum
         state["frozen"] = objective.frozen()
         if main:
-            save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints)
+            save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints, extras)
         acc.wait_for_everyone()
 
     def next_unlabelled() -> list[int]:
@@ -314,12 +325,18 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
                 rows, units["unlabelled"] = step_batch + extra, len(extra)
             step_loss, step_parts = forward_backward(rows, units)
             units = units["train"]
+            if extra_params and acc.num_processes > 1:  # outside DDP: averaged by hand, as DDP averages the model's
+                for p in extra_params:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= acc.num_processes
+            params = [*model.parameters(), *extra_params]
             if sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
-                grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm or float("inf"), optimizer)
+                grad_norm = clip_grad_norm(params, t.max_grad_norm or float("inf"), optimizer)
             elif t.max_grad_norm:
-                grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
             else:
-                grad_norm = total_grad_norm(model.parameters())
+                grad_norm = total_grad_norm(params)
             # The one host sync per step: a non-finite loss or gradient skips the update (weights, optimizer and
             # schedule untouched; the data position still advances); a signal on any process stops after it.
             flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm.to(step_loss.device)),
