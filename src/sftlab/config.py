@@ -352,8 +352,9 @@ class RunConfig(_Section):
             raise ValueError("data.train is required: set it in the config or pass data.train=PATH")
         metric = self.train.metric
         if metric is not None:
-            allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS,
-                       "causal_lm": CAUSAL_LM_METRICS}[self.task]
+            from .tasks import task_spec
+
+            allowed = tuple(task_spec(self.task).metrics)
             if metric not in allowed:
                 raise ValueError(f"train.metric {metric!r} does not fit task {self.task}; use one of {allowed}")
         if self.train.early_stopping_patience is not None and self.data.dev is None:
@@ -380,12 +381,9 @@ class RunConfig(_Section):
 
     @property
     def best_metric(self) -> str:
-        return self.train.metric or {"classification": "accuracy", "regression": "pearson"}.get(self.task, "loss")
+        from .tasks import task_spec
 
-
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "loss")
-REGRESSION_METRICS = ("pearson", "spearman", "mse", "loss")
-CAUSAL_LM_METRICS = ("loss", "perplexity")
+        return self.train.metric or task_spec(self.task).default_metric
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The one small name -> component registry (PEFT's `register_peft_method`, lm-eval's registries).
 
-Only leaves are registered (strategies, objectives, metrics); the loop is a direct import.
+Only leaves are registered (strategies, tasks, training objectives); the loop is a direct import.
 """
 from __future__ import annotations
 
@@ -42,6 +42,6 @@ class Registry(Generic[T]):
 
 
 strategies: Registry = Registry("strategy", "strategy.name")
-objectives: Registry = Registry("task", "task")  # the task's loss: (model, batch) -> (loss sum, logits)
+tasks: Registry = Registry("task", "task")  # TaskSpec per task (tasks/): model head, collate, units, loss, evaluation
 # How the training loss is formed from the task loss, extra models and data (sft, distill): classes with a Config.
 training_objectives: Registry = Registry("objective", "objective.name")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sftlab.data.lm import IGNORE, build, collate_lm, pack
-from sftlab.objectives.causal_lm import causal_lm_loss
+from sftlab.tasks.causal_lm import causal_lm_loss
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..config import DataConfig
 from ..data.batches import encode
@@ -40,7 +40,9 @@ def load_trained(path, device=None):
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise RunDirError(f"{model_dir / 'sftlab.json'}: unreadable ({type(e).__name__}: {e}); the run did not "
                           f"finish writing it: retrain, or restore the folder") from None
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    from ..tasks import task_spec
+
+    auto = task_spec(task).auto_model()
     with loading(model_dir):
         if meta.get("adapter") == "bottleneck":
             from ..strategies.adapter import load_adapter

@@ -6,9 +6,8 @@ import contextlib
 import numpy as np
 import torch
 
-from ..data.batches import Encoded, collate, eval_batches
-from .. import objectives as _registered  # noqa: F401  (fills the registry)
-from ..registry import objectives
+from ..data.batches import Encoded, eval_batches
+from ..tasks import task_spec
 
 
 @torch.no_grad()
@@ -23,16 +22,16 @@ def predict_logits(model, data: Encoded, task: str, *, batch_size: int, pad_id: 
 
     was_training = model.training
     model.eval()
-    objective = objectives.get(task)
+    spec = task_spec(task)
     out: list[np.ndarray | None] = [None] * len(data)
     total, labelled = 0.0, data.labels[0] is not None if len(data) else False
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     bar = tqdm(total=len(data), desc=progress, unit="row", file=sys.stderr, leave=False, disable=progress is None)
     for idx in eval_batches(data.lengths, batch_size, max_tokens):
-        batch = {k: v.to(device) for k, v in collate(data, idx, pad_id, task == "regression", pad_multiple).items()}
+        batch = {k: v.to(device) for k, v in spec.collate(data, idx, pad_id, pad_multiple).items()}
         with autocast:
             if labelled:
-                loss, logits = objective(model, batch)
+                loss, logits = spec.loss(model, batch)
                 total += float(loss)
             else:
                 logits = model(**batch).logits.float()
@@ -53,13 +52,13 @@ def lm_scores(model, data, *, batch_size: int, pad_id: int, device, bf16: bool) 
 
     was_training = model.training
     model.eval()
-    objective = objectives.get("causal_lm")
+    loss_fn = task_spec("causal_lm").loss
     total, tokens = 0.0, 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for idx in eval_batches(data.lengths, batch_size):
         batch = {k: v.to(device) for k, v in collate_lm(data, idx, pad_id).items()}
         with autocast:
-            loss, _ = objective(model, batch)
+            loss, _ = loss_fn(model, batch)
         total += float(loss)
         tokens += int((batch["labels"] != -100).sum())
     model.train(was_training)

@@ -131,7 +131,7 @@ def read_export_meta(path: str | Path) -> dict | None:
 
 def load_exported(path: str | Path, *, threads: int | None = None, device=None):
     """An `Exported` (or `DecoderExported`) for an export folder of any format, or for a run directory."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..eval.evaluate import adapter_base, load_trained, loading
 
@@ -148,7 +148,9 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
             tokenizer = AutoTokenizer.from_pretrained(p)
             if fmt in ("onnx", "int8"):
                 return OrtExported(meta, tokenizer, ort_session(p / ONNX_FILE, threads))
-            auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
+            from ..tasks import task_spec
+
+            auto = task_spec(meta["task"]).auto_model()
             if fmt == "peft":
                 from peft import PeftModel
 

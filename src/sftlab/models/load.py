@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..errors import ConfigError
 
@@ -161,18 +161,11 @@ def load_model(
     kwargs = dict(trust_remote_code=trust_remote_code)
     if attention:
         kwargs["attn_implementation"] = attention
-    auto = AutoModelForSequenceClassification
-    if task == "causal_lm":
-        auto = AutoModelForCausalLM
-    elif task == "regression":
-        kwargs.update(num_labels=1, problem_type="regression")
-    else:
-        kwargs.update(
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)},
-            problem_type="single_label_classification",
-        )
+    from ..tasks import task_spec
+
+    spec = task_spec(task)
+    auto = spec.auto_model()
+    kwargs.update(spec.head_kwargs(labels))
     torch.manual_seed(seed)  # the new head's init is part of the run's seed
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here

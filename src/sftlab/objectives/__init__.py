@@ -1,7 +1,7 @@
-"""Objectives: (model, batch) -> (sum of per-example losses, logits). Chosen by `task`.
+"""Training objectives: how a micro-batch's loss is formed from the task's loss (tasks/) and what the objective
+brings (a teacher, extra streams, trainable extras). Chosen by `objective.name`; docs/objectives.md.
 
-Losses are *sums*: the loop divides by the step batch's example count, so accumulation and several
-processes give exactly the mean over the whole step batch.
+Losses are *sums*: the loop divides by the step batch's loss units, so accumulation and several processes give
+exactly the mean over the whole step batch.
 """
-from . import causal_lm, classification  # noqa: F401  (registers the task losses)
-from . import distill, sft  # noqa: F401,E402  (registers the training objectives)
+from . import distill, sft  # noqa: F401  (registers the training objectives)

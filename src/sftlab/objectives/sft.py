@@ -1,7 +1,7 @@
 """`objective.name: sft` (the default): the task's own loss, today's behaviour bit for bit.
 
 A training objective is a leaf chosen by `objective.name` that owns its `Config` class and forms the training loss
-of one micro-batch from the task loss (objectives/classification.py, causal_lm.py) and whatever else it brings (a
+of one micro-batch from the task loss (tasks/sequence.py, causal_lm.py) and whatever else it brings (a
 frozen teacher's cached logits for `distill`). It returns the loss SUM of the micro-batch and its named parts
 (detached, same scale), which the loop logs as `loss/<part>`; the loop divides by the step's loss units as before,
 so accumulation, processes and resume stay exact. Frozen extras are fingerprinted (`frozen()`), checked on resume.

@@ -159,7 +159,7 @@ def teacher_topk(spec: str | Path, data, tokenizer, *, k: int, temperature: floa
     it must share the student's vocabulary). Returns {"values": [P, k] float32, "ids": [P, k] int64, "offsets":
     [rows + 1]}: row i's positions are offsets[i]:offsets[i+1], in the order the loss positions appear."""
     from ..data.lm import collate_lm
-    from .causal_lm import causal_lm_loss
+    from ..tasks.causal_lm import causal_lm_loss
 
     file = _cache_file("teacher-topk", fingerprint(spec), k, temperature, data.input_ids, data.labels,
                        data.position_ids)

@@ -89,11 +89,13 @@ def _name(p: Path) -> str:
 
 
 def _from_hf_folder(p: Path, meta: dict, **kw):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..models import load as _quiet_loads  # noqa: F401  (no transformers progress bars)
 
-    auto = AutoModelForCausalLM if meta["task"] == "causal_lm" else AutoModelForSequenceClassification
+    from ..tasks import task_spec
+
+    auto = task_spec(meta["task"]).auto_model()
     from ..eval.evaluate import loading
 
     with loading(p):  # truncated or corrupt files: one line, not a safetensors traceback

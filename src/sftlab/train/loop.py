@@ -25,17 +25,16 @@ from tqdm.auto import tqdm
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
 from ..config import RunConfig, dump_config
-from ..data.batches import collate, join, micro_batches, step_batches
-from ..data.lm import collate_lm
+from ..data.batches import join, micro_batches, step_batches
 from ..data.prepare import format_report, prepare
 from ..errors import ConfigError, RunDirError, TrainingError
-from ..eval.infer import lm_scores, predict_logits
-from ..eval.metrics import compute_metrics, is_better
+from ..eval.metrics import is_better
 from ..models import load_model, load_tokenizer
 from ..models.load import attention_for, check_model
 from ..allocator import current as allocator
 from ..precision import describe as describe_precision, pad_multiple, resolve as resolve_precision
-from ..registry import objectives, training_objectives
+from ..registry import training_objectives
+from ..tasks import task_spec
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
@@ -62,7 +61,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
 
 
 def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignals, force_resume: bool = False) -> Path:
-    t = cfg.train
+    t, spec = cfg.train, task_spec(cfg.task)  # the task decides model head, batches, loss units, evaluation
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     # cpu=True without CUDA: accelerate only sets up gloo DDP under torchrun when told it is on CPU.
@@ -108,11 +107,11 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     internals = training_objectives.get(cfg.objective.name).internals(cfg)
     if "attentions" in internals:
         model.set_attn_implementation("eager")
-    if t.fused_attention and cfg.task in ("classification", "regression") and not internals:  # prefix tuning's cache takes the class path
+    if t.fused_attention and not spec.decoder and not internals:  # prefix tuning's cache takes the class path
         from ..models.fused_attention import enable_fused_attention
 
         enable_fused_attention(model)
-    if t.first_token_last_layer and cfg.task in ("classification", "regression") and not internals:
+    if t.first_token_last_layer and not spec.decoder and not internals:
         from ..models.first_token import enable_first_token_last_layer
 
         if enable_first_token_last_layer(model) and main:
@@ -132,14 +131,9 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     model.to(acc.device)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
     # whatever it brings (distill: the teacher's cached logits, computed here once before training).
-    objective = training_objectives.get(cfg.objective.name)(cfg, data, objectives.get(cfg.task), tokenizer)
-    causal = cfg.task == "causal_lm"
+    objective = training_objectives.get(cfg.objective.name)(cfg, data, spec.loss, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = pad_multiple(t.pad_to_multiple_of, bf16, acc.device)
-    if causal:
-        collate_fn = lambda data, idx: collate_lm(data, idx, pad_id)  # noqa: E731
-    else:
-        collate_fn = lambda data, idx: collate(data, idx, pad_id, cfg.task == "regression", multiple)  # noqa: E731
 
     # A second stream (data.unlabelled): its rows follow the labelled ones in one row space and are drawn per step
     # with their own epochs and order (seeded apart), so a micro-batch mixes both and runs one forward and backward.
@@ -152,10 +146,11 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     if token_budget == "auto":  # the typical batch's padded size; only outliers get cut
         token_budget = t.batch_size * max(1, int(np.percentile(lengths[:n_labelled], 90))) if lengths else None
     eval_tokens = 4 * token_budget if token_budget else None  # no activations kept for backward: ~4x the tokens
-    # Loss units per row: 1 per example (classification), loss tokens per row (causal LM). A step's summed
-    # loss is divided by its rows' total, so accumulation, processes and packing all give the same mean.
-    weights = train_data.weights if causal else [1] * n_labelled + [0] * (len(train_data) - n_labelled)
-    row_examples = train_data.row_examples if causal else weights  # packs count their examples
+    # Loss units per row: 1 per example (classification), loss tokens per row (causal LM); unlabelled rows none. A
+    # step's summed loss is divided by its rows' total, so accumulation, processes and packing give the same mean.
+    unl_zeros = [0] * (len(train_data) - n_labelled)
+    weights = list(spec.units(train_data))[:n_labelled] + unl_zeros
+    row_examples = list(spec.examples(train_data))[:n_labelled] + unl_zeros  # packs count their examples
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Trainable extras beside the model (distill's hidden projection): the optimizer's last groups, in every checkpoint
     extras = objective.extras().to(acc.device)
@@ -211,12 +206,8 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
             trim_heap()
 
     def _evaluate(encoded) -> dict:
-        if causal:
-            return lm_scores(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
-                             bf16=bf16)
-        logits, loss = predict_logits(raw_model, encoded, cfg.task, batch_size=t.eval_batch_size, pad_id=pad_id,
-                                      device=acc.device, bf16=bf16, max_tokens=eval_tokens, pad_multiple=multiple)
-        return compute_metrics(cfg.task, logits, np.array(encoded.labels)) | {"loss": loss}
+        return spec.evaluate(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
+                             bf16=bf16, max_tokens=eval_tokens, pad_multiple=multiple)
 
     def refuse_nonfinite() -> None:
         bad = nonfinite_params(raw_model)
@@ -248,7 +239,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     def micro_pass(micro: list[list[int]], units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         step_loss, parts = torch.zeros((), device=acc.device), {}
         for k, idx in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in collate_fn(train_data, idx).items()}
+            batch = {key: v.to(acc.device) for key, v in spec.collate(train_data, idx, pad_id, multiple).items()}
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
                 out = objective(model, batch, idx, units)

@@ -1,4 +1,6 @@
-"""Causal LM: summed next-token cross-entropy over positions with a target (targets pre-shifted, -100 = none).
+"""Causal LM: summed next-token cross-entropy over positions with a target (targets pre-shifted, -100 = none);
+one loss unit per target token; judged on dev by token-weighted loss and perplexity (generation metrics come from
+`sftlab eval`, eval/gen_eval.py).
 
 Only positions with a target go through the output layer: prompts and padding never pay for the
 vocabulary projection (49k columns for SmolLM2), which is most of a chat batch's logits cost.
@@ -9,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ..registry import objectives
+from ..registry import tasks
+from . import TaskSpec
 
 
-@objectives.register("causal_lm")
 def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, logits [loss positions, vocab] in row-major order of the batch's loss positions)."""
     labels = batch["labels"]
@@ -29,3 +31,21 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = model.get_decoder()(**inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[keep])
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), logits
+
+
+def _collate(data, rows, pad_id, multiple=1):
+    from ..data.lm import collate_lm
+
+    return collate_lm(data, rows, pad_id)  # packed rows carry their own positions: no width rounding
+
+
+def _evaluate(model, data, *, batch_size, pad_id, device, bf16, max_tokens=None, pad_multiple=1) -> dict:
+    from ..eval.infer import lm_scores
+
+    return lm_scores(model, data, batch_size=batch_size, pad_id=pad_id, device=device, bf16=bf16)
+
+
+tasks.register("causal_lm")(TaskSpec(
+    "causal_lm", decoder=True, head_kwargs=lambda labels: {}, loss=causal_lm_loss, collate=_collate,
+    units=lambda data: data.weights, examples=lambda data: data.row_examples, evaluate=_evaluate,
+    metrics={"loss": False, "perplexity": False}))
