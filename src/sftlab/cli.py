@@ -79,13 +79,12 @@ def cmd_data_check(args) -> None:
 
 def _is_causal(target: str) -> bool:
     """A decoder run (sftlab.json says causal_lm), or a base model name/HF folder evaluated before fine-tuning."""
-    from pathlib import Path
+    from .artifacts import ModelDir
 
-    p = Path(target)
-    for cand in (p / "best" / "sftlab.json", p / "sftlab.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text())["task"] == "causal_lm"
-    return (p / "config.json").is_file() or not p.exists()
+    md = ModelDir.open(target)
+    if md.trained:
+        return md.task == "causal_lm"
+    return (md.path / "config.json").is_file() or not md.path.exists()
 
 
 def cmd_eval(args) -> None:
@@ -105,7 +104,7 @@ def cmd_eval(args) -> None:
         print(json.dumps(rows))
         return
 
-    from .export.runtime import read_export_meta
+    from .artifacts import read_export_meta
 
     export_meta = read_export_meta(args.run)
     if export_meta is not None and export_meta.get("task") != "causal_lm":  # an export folder of any format
@@ -144,7 +143,7 @@ def _print_baselines(rows: dict) -> None:
 
 def cmd_predict(args) -> None:
     from .eval.evaluate import predict_file
-    from .export.runtime import read_export_meta
+    from .artifacts import read_export_meta
 
     if read_export_meta(args.run) is not None:  # an `sftlab export` folder of any format
         from .export.predict import predict_rows

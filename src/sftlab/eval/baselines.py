@@ -98,7 +98,7 @@ def speed(folder: str | Path, texts: list[str], pairs: list[str] | None) -> dict
 def _distill_rows(run_dir: Path, cfg, data: str, batch_size: int, bf16: bool, fine_tuned: dict) -> dict:
     """The teacher and the no-KD twin next to the distilled student, each with parameters and CPU latency."""
     from ..data.examples import load_split
-    from ..export.runtime import read_export_meta
+    from ..artifacts import read_export_meta
     from ..objectives.teacher import model_folder
 
     split, _ = load_split(cfg.data.model_copy(update={"dir": None}), data, cfg.task, None, need_label=False)

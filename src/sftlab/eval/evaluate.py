@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from ..config import DataConfig
 from ..data.batches import encode
 from ..data.examples import LabelMap, load_split
+from ..artifacts import find_model_dir, read_run_meta, run_dir_of  # noqa: F401  (re-exported)
 from ..errors import RunDirError, SftlabError
 from ..models import load as _quiet_loads  # noqa: F401  (turns off transformers progress bars)
 from .infer import predict_logits
@@ -22,24 +23,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def find_model_dir(path: str | Path) -> Path:
-    """A run directory (uses RUN_DIR/best) or a model folder with sftlab.json."""
-    p = Path(path)
-    for cand in (p / "best", p):
-        if (cand / "sftlab.json").is_file():
-            return cand
-    raise RunDirError(f"{path}: no trained model here (expected RUN_DIR/best/sftlab.json); did training finish?")
-
-
 def load_trained(path, device=None):
     """(model, tokenizer, sftlab.json meta) of a run's best model: a full HF folder or a peft adapter + base."""
     model_dir = find_model_dir(path)
-    try:
-        meta = json.loads((model_dir / "sftlab.json").read_text(encoding="utf-8"))
-        task = meta["task"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise RunDirError(f"{model_dir / 'sftlab.json'}: unreadable ({type(e).__name__}: {e}); the run did not "
-                          f"finish writing it: retrain, or restore the folder") from None
+    meta = read_run_meta(model_dir)
+    task = meta["task"]
     from ..tasks import task_spec
 
     auto = task_spec(task).auto_model()
@@ -120,15 +108,6 @@ def _data_config(run_path: Path, overrides: dict) -> DataConfig:
         base = yaml.safe_load(cfg_file.read_text()).get("data", {})
     keep = {k: base[k] for k in ("text", "text_pair", "label", "header", "max_length") if k in base}
     return DataConfig(**(keep | {k: v for k, v in overrides.items() if v is not None}))
-
-
-def run_dir_of(path: str | Path) -> Path | None:
-    """The run directory that owns a model folder (RUN_DIR or RUN_DIR/best), or None for a bare model folder."""
-    p = Path(path)
-    for cand in (p, p.parent):
-        if (cand / "config.yaml").is_file() and (cand / "best").is_dir():
-            return cand
-    return None
 
 
 def analysis_path(run: str | Path, data: str) -> Path | None:

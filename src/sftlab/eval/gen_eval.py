@@ -26,10 +26,11 @@ from .icl import build_icl_messages, select_shots
 
 def load_generator(target: str, device=None):
     """(model, tokenizer, meta) for a run dir / its best folder, or a base model name or folder."""
+    from ..artifacts import ModelDir
     from .evaluate import load_trained
 
-    p = Path(target)
-    if (p / "best" / "sftlab.json").is_file() or (p / "sftlab.json").is_file():
+    md = ModelDir.open(target)
+    if md.trained:
         model, tokenizer, meta = load_trained(target, device=device)
         if meta["task"] != "causal_lm":
             raise ConfigError(f"{target}: a {meta['task']} model, not a decoder; generation needs a causal_lm run "
@@ -41,12 +42,8 @@ def load_generator(target: str, device=None):
     from .evaluate import default_device, loading
 
     meta = {"task": "causal_lm", "template": None, "system_prompt": None}
-    export = p / "sftlab_export.json"
-    if export.is_file():  # an `sftlab export` folder of a decoder: its template and system prompt
-        try:
-            meta |= {k: v for k, v in json.loads(export.read_text(encoding="utf-8")).items() if k in meta}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{export}: unreadable ({e})") from None
+    if md.kind == "export":  # an `sftlab export` folder of a decoder: its template and system prompt
+        meta |= {k: v for k, v in md.meta.items() if k in meta}
         if meta["task"] != "causal_lm":
             raise ConfigError(f"{target}: a {meta['task']} export, not a decoder; generation needs a causal_lm model "
                               f"(use `sftlab predict {target} --data FILE` for this one)")

@@ -40,7 +40,8 @@ def export(run_dir, fmt: str, out=None, *, data: str | None = None, overwrite: b
 
 
 def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
-    from ..eval.evaluate import _data_config, find_model_dir, load_trained, run_dir_of
+    from ..artifacts import find_model_dir, run_dir_of
+    from ..eval.evaluate import _data_config, load_trained
     from .measure import compare, decoder_logits, eval_data, figures, folder_mb, samples, weights_mb
     from .merged import check_format, fold
 

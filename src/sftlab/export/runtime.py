@@ -8,15 +8,14 @@ One call at a time per object; it batches internally (length-sorted, so little p
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..artifacts import EXPORT_META, read_export_meta  # noqa: F401  (re-exported)
 from ..errors import ExportError
 
-EXPORT_META = "sftlab_export.json"
 ONNX_FILE = "model.onnx"
 FORMATS = ("hf", "merged", "peft", "int8", "onnx")
 
@@ -113,20 +112,6 @@ def ort_session(path: Path, threads: int | None = None):
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def read_export_meta(path: str | Path) -> dict | None:
-    """sftlab_export.json of an export folder; None for anything else; one line when it is unreadable."""
-    f = Path(path) / EXPORT_META
-    if not f.is_file():
-        return None
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ExportError(f"{f}: unreadable ({e}); export the run again") from None
-    if not isinstance(meta, dict) or meta.get("task") not in ("classification", "regression", "causal_lm"):
-        raise ExportError(f"{f}: not an sftlab export description (no valid 'task'); export the run again")
-    return meta
 
 
 def load_exported(path: str | Path, *, threads: int | None = None, device=None):

@@ -67,10 +67,11 @@ def fingerprint(spec: str | Path) -> str:
 
 
 def _open(spec: str | Path):
-    from ..export.runtime import TorchExported, load_exported, read_export_meta
+    from ..artifacts import ModelDir
+    from ..export.runtime import TorchExported, load_exported
 
     folder = model_folder(spec)
-    if (folder / "sftlab.json").is_file() or read_export_meta(folder) is not None:
+    if ModelDir.open(folder).kind != "base":  # a run's model or an export: sftlab's own loader
         return load_exported(folder)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from ..artifacts import TASKS
 from ..errors import RunDirError, SftlabError
 from ..precision import resolve as resolve_precision
+from ..tasks import task_spec
 
 
 @dataclass
@@ -105,7 +107,7 @@ def load_run(path: Path, name: str, evaluate: bool = True) -> Run:
     summary = _read_json(path / "summary.json", notes)
     task = config.get("task") or "classification"
     metric = (summary or {}).get("best_metric") or (config.get("train") or {}).get("metric") or \
-        {"classification": "accuracy", "regression": "pearson"}.get(task, "loss")
+        (task_spec(task).default_metric if task in TASKS else "loss")
     run = Run(path, name, config_text, config, task, metric, summary=summary, notes=notes,
               meta=_read_json(path / "best" / "sftlab.json", notes),
               baselines=_read_json(path / "baselines.json", notes))

@@ -24,13 +24,11 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
+from ..artifacts import EXPORT_META, TASKS, ModelDir
 from ..data.batches import padded_width
 from ..errors import SftlabError
 from ..precision import pad_multiple
 from .errors import ApiError
-
-EXPORT_META = "sftlab_export.json"
-TASKS = ("classification", "regression", "causal_lm")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -41,9 +39,10 @@ def load_backend(path: str | Path, *, precision: str = "fp32", batch_tokens: int
     """A Classifier or a Generator for `path`; anything else raises SftlabError (one line, for the CLI).
     precision: fp32 | bf16 | auto (bf16 where measured faster than fp32) for classification passes; `threads`
     only sizes an onnxruntime session (torch's thread count is the app's to set, app.py)."""
-    p = Path(path)
+    md = ModelDir.open(path)
+    p = md.path
     bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
-    if (p / EXPORT_META).is_file():
+    if md.kind == "export":
         meta = _read_meta(p / EXPORT_META)
         fmt = meta.get("format")
         if fmt in ("hf", "merged"):
@@ -51,10 +50,10 @@ def load_backend(path: str | Path, *, precision: str = "fp32", batch_tokens: int
         if fmt in ("onnx", "int8", "peft"):
             return _from_runtime(p, meta, threads=threads, bf16=bf16, batch_tokens=batch_tokens)
         raise SftlabError(f"{p / EXPORT_META}: unknown format {fmt!r}; expected hf, merged, peft, int8 or onnx")
-    if (p / "best" / "sftlab.json").is_file() or (p / "sftlab.json").is_file():
-        from ..eval.evaluate import find_model_dir, load_trained
+    if md.trained:
+        from ..eval.evaluate import load_trained
 
-        meta = _read_meta(find_model_dir(p) / "sftlab.json")
+        meta = _read_meta(md.model_dir / "sftlab.json")
         model, tokenizer, _ = load_trained(p)
         return _wrap(model, tokenizer, meta, name=_name(p), fmt="run", bf16=bf16, batch_tokens=batch_tokens)
     if not p.exists():
