@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import TrainingError
-from sftlab.registry import objectives
+from sftlab.registry import tasks
+from sftlab.tasks import task_spec
 from sftlab.train.checkpoint import complete_checkpoints
 from sftlab.train.loop import train
 
@@ -37,9 +38,12 @@ def run(overrides, tmp_path, name, **kw):
 
 
 def inject(monkeypatch, fault) -> list[int]:
-    """Wrap the classification objective: fault(call_no, model, batch, loss) -> loss for training calls (evaluation
-    runs the objective too, without grad, and is left alone). Returns the call counter."""
-    real = objectives.get("classification")
+    """Wrap the classification task's loss: fault(call_no, model, batch, loss) -> loss for training calls (evaluation
+    runs the loss too, without grad, and is left alone). Returns the call counter."""
+    import dataclasses
+
+    spec = task_spec("classification")
+    real = spec.loss
     calls = [0]
 
     def objective(model, batch):
@@ -49,7 +53,7 @@ def inject(monkeypatch, fault) -> list[int]:
         loss, logits = real(model, batch)
         return fault(calls[0], model, batch, loss), logits
 
-    monkeypatch.setitem(objectives._items, "classification", objective)
+    monkeypatch.setitem(tasks._items, "classification", dataclasses.replace(spec, loss=objective))
     return calls
 
 

@@ -1,19 +1,27 @@
 """THE training loop, top to bottom: forward, loss, backward, clip, step, schedule, log, evaluate, checkpoint.
 
 One loop for every task and strategy (nanoGPT's train.py; TRL's "read a trainer top to bottom").
-Techniques plug in as objectives (loss functions) and strategies (which parameters train), not new loops.
-Devices, DDP and autocast come from `accelerate`; batching is our own so that resume is exact.
+Techniques plug in as tasks (tasks/: what the model outputs), objectives (objectives/: how the loss is formed, with
+their extra models and streams) and strategies (which parameters train), not new loops. Devices, DDP and autocast
+come from `accelerate`; batching is our own so that resume is exact.
+
+Shape (litgpt's `fit(fabric, state, ...)`, torchtune's setup / train / save_checkpoint; fusion-architecture.md W2):
+`setup(cfg) -> Run` builds everything a run holds (accelerator, data and streams, model, objective and its extras,
+optimizer, schedule, typed LoopState, logs), then `fit(run)` is the loop itself, and `step_update`, `validate`,
+`checkpoint` and `finish` are plain functions of `run`. Nothing reads a variable defined after it.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+from dataclasses import dataclass
 import resource
 import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
-from ..config import RunConfig, dump_config
+from ..config import RunConfig
 from ..data.batches import join, micro_batches, step_batches
 from ..data.prepare import format_report, prepare
 from ..errors import ConfigError, RunDirError, TrainingError
@@ -40,11 +48,56 @@ from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_o
     step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, param_groups, sparse_embedding_gradients
 from .rundir import check_labels, open_run_dir, save_best
+from .state import LoopState, Window
 from .tracking import Tracker
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `setup`."""
+    cfg: RunConfig
+    spec: Any  # tasks.TaskSpec
+    acc: Accelerator
+    main: bool
+    bf16: bool
+    run_dir: Path
+    signals: StopSignals
+    tokenizer: Any
+    data: Any  # data.prepare.Prepared
+    labels: list[str] | None
+    train_data: Any  # the labelled rows, then the unlabelled stream's (one row space)
+    dev_data: Any
+    n_labelled: int
+    unlabelled: Any  # the unlabelled stream's encoded rows, or None
+    u_seed: int
+    lengths: list[int]
+    weights: list  # loss units per row
+    row_examples: list  # examples per row (packed rows hold several)
+    step_size: int
+    total_steps: int
+    token_budget: int | None
+    eval_tokens: int | None
+    pad_id: int
+    multiple: int
+    model: Any  # what is called (DDP-wrapped when world > 1)
+    raw_model: torch.nn.Module  # what is saved and evaluated
+    plan: Any  # strategies.Plan
+    objective: Any
+    extras: torch.nn.Module  # the objective's trainable modules beside the model
+    extra_params: list
+    optimizer: Any
+    scheduler: Any
+    sparse_grads: bool
+    state: LoopState
+    step: int
+    accum: int  # micro-batches per step (train.grad_accum, or what auto_batch_size settled on)
+    metrics_file: Any
+    ids_file: Any
+    tracker: Tracker
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False, on_eval=None,
@@ -57,11 +110,16 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     without a summary, to be resumed (the CLI turns it on; in-process callers keep Ctrl-C a KeyboardInterrupt).
     `force_resume`: resume even where the config names another task, model, data or label set (rundir.py)."""
     with StopSignals(graceful_stop) as signals:
-        return _train(cfg, resume, overwrite, on_eval, signals, force_resume)
+        run = setup(cfg, resume, overwrite, signals, force_resume)
+        stopped_by = fit(run, on_eval)
+        if stopped_by:
+            return stop_here(run, stopped_by)
+        return finish(run)
 
 
-def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignals, force_resume: bool = False) -> Path:
+def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_resume: bool = False) -> Run:
     t, spec = cfg.train, task_spec(cfg.task)  # the task decides model head, batches, loss units, evaluation
+    Objective = training_objectives.get(cfg.objective.name)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     # cpu=True without CUDA: accelerate only sets up gloo DDP under torchrun when told it is on CPU.
@@ -82,7 +140,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     # --- run directory, data, model --------------------------------------------------------------------
     check_model(cfg.model.name, from_scratch=cfg.model.from_scratch, max_length=cfg.data.max_length,
                 trust_remote_code=cfg.model.trust_remote_code, keep_layers=cfg.model.keep_layers)  # nothing written yet
-    training_objectives.get(cfg.objective.name).check(cfg)  # e.g. distill's teacher exists and fits
+    Objective.check(cfg)  # e.g. distill's teacher exists and fits
     run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -104,7 +162,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     )
     # Student internals an objective reads (distill's attention / hidden terms): eager attention returns the maps,
     # and the first-token shortcut of the last block would leave one position of its hidden states.
-    internals = training_objectives.get(cfg.objective.name).internals(cfg)
+    internals = Objective.internals(cfg)
     if "attentions" in internals:
         model.set_attn_implementation("eager")
     if t.fused_attention and not spec.decoder and not internals:  # prefix tuning's cache takes the class path
@@ -131,7 +189,7 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     model.to(acc.device)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
     # whatever it brings (distill: the teacher's cached logits, computed here once before training).
-    objective = training_objectives.get(cfg.objective.name)(cfg, data, spec.loss, tokenizer)
+    objective = Objective(cfg, data, spec.loss, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = pad_multiple(t.pad_to_multiple_of, bf16, acc.device)
 
@@ -140,335 +198,366 @@ def _train(cfg: RunConfig, resume, overwrite: bool, on_eval, signals: StopSignal
     n_labelled, unlabelled = len(train_data), data.encoded.get("unlabelled")
     if unlabelled is not None:
         train_data = join(train_data, unlabelled)
-        u_seed = t.seed * 7 + zlib.crc32(b"unlabelled") % 1_000_003
     lengths = train_data.lengths
     token_budget = t.micro_batch_tokens
     if token_budget == "auto":  # the typical batch's padded size; only outliers get cut
         token_budget = t.batch_size * max(1, int(np.percentile(lengths[:n_labelled], 90))) if lengths else None
-    eval_tokens = 4 * token_budget if token_budget else None  # no activations kept for backward: ~4x the tokens
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM); unlabelled rows none. A
     # step's summed loss is divided by its rows' total, so accumulation, processes and packing give the same mean.
     unl_zeros = [0] * (len(train_data) - n_labelled)
-    weights = list(spec.units(train_data))[:n_labelled] + unl_zeros
-    row_examples = list(spec.examples(train_data))[:n_labelled] + unl_zeros  # packs count their examples
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Trainable extras beside the model (distill's hidden projection): the optimizer's last groups, in every checkpoint
     extras = objective.extras().to(acc.device)
     for group in param_groups(extras, t.weight_decay, t.lr):
         optimizer.add_param_group(group)
-    extra_params = list(extras.parameters())
     # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
     sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
     scheduler = build_schedule(optimizer, t, total_steps)
     model = acc.prepare_model(model)
     raw_model = acc.unwrap_model(model)
 
-    # --- resume: model, optimizer, scheduler, RNG and data position ----------------------------------------
-    state = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "bad_steps": 0,
-             "skipped_steps": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None}
-    if unlabelled is not None:
-        state["streams"] = {"unlabelled": [0, 0]}  # [epoch, step in epoch] of each stream beyond the labelled one
-    step = 0
+    # --- resume: model, extras, optimizer, scheduler, RNG and data position ---------------------------------
+    state, step = LoopState(streams={"unlabelled": [0, 0]} if unlabelled is not None else {}), 0
     ckpts = complete_checkpoints(run_dir) if resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler, extras)
-        step = state.pop("step")
-        state.setdefault("bad_steps", 0), state.setdefault("skipped_steps", 0)  # checkpoints older than the guard
+        raw = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler, extras)
+        step, state = raw.pop("step"), LoopState.from_json(raw)
         frozen = objective.frozen()
-        if state.get("frozen", frozen) != frozen:  # a teacher is never saved: only its fingerprint is
-            changed = [k for k in frozen if state["frozen"].get(k) != frozen[k]]
+        if state.frozen is not None and state.frozen != frozen:  # a teacher is never saved: only its fingerprint
+            changed = [k for k in frozen if state.frozen.get(k) != frozen[k]]
             raise RunDirError(f"--resume {run_dir}: the {', '.join(changed) or 'frozen model'} changed since this "
                               f"run started (objective.{(changed or ['teacher'])[0]}: other weights); resume with the "
                               f"same one, or start a new run")
         if main:
             log(f"resumed from {ckpts[-1]} at step {step}/{total_steps}")
-    # Micro-batches per step: train.grad_accum, or what auto_batch_size settled on before the checkpoint.
-    accum = state.get("grad_accum", t.grad_accum) if t.auto_batch_size else t.grad_accum
-
     if main and resume:  # a killed run may have logged steps past its checkpoint: the replay logs them again
         for name in ("metrics.jsonl", "example_ids.jsonl"):
             trim_log(run_dir / name, step)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
-    ids_file = open(run_dir / "example_ids.jsonl", "a") if main and t.log_example_ids else None
-    tracker = Tracker(run_dir, cfg, resume_step=step if ckpts else None, enabled=main)
+    return Run(
+        cfg=cfg, spec=spec, acc=acc, main=main, bf16=bf16, run_dir=run_dir, signals=signals, tokenizer=tokenizer,
+        data=data, labels=labels, train_data=train_data, dev_data=dev_data, n_labelled=n_labelled,
+        unlabelled=unlabelled, u_seed=t.seed * 7 + zlib.crc32(b"unlabelled") % 1_000_003, lengths=lengths,
+        weights=list(spec.units(train_data))[:n_labelled] + unl_zeros,
+        row_examples=list(spec.examples(train_data))[:n_labelled] + unl_zeros,  # packs count their examples
+        step_size=step_size, total_steps=total_steps, token_budget=token_budget,
+        eval_tokens=4 * token_budget if token_budget else None,  # no activations kept for backward: ~4x the tokens
+        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, plan=plan, objective=objective,
+        extras=extras, extra_params=list(extras.parameters()), optimizer=optimizer, scheduler=scheduler,
+        sparse_grads=sparse_grads, state=state, step=step,
+        accum=(state.grad_accum or t.grad_accum) if t.auto_batch_size else t.grad_accum,
+        metrics_file=open(run_dir / "metrics.jsonl", "a") if main else None,
+        ids_file=open(run_dir / "example_ids.jsonl", "a") if main and t.log_example_ids else None,
+        tracker=Tracker(run_dir, cfg, resume_step=step if ckpts else None, enabled=main),
+    )
 
-    def write(record: dict) -> None:
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            tracker.log(record)
 
-    def evaluate(split: str, encoded) -> dict:
-        trim_heap()  # evaluation batches have new shapes: start it on a compact heap, and leave one behind
-        try:
-            return _evaluate(encoded)
-        finally:
-            trim_heap()
-
-    def _evaluate(encoded) -> dict:
-        return spec.evaluate(raw_model, encoded, batch_size=t.eval_batch_size, pad_id=pad_id, device=acc.device,
-                             bf16=bf16, max_tokens=eval_tokens, pad_multiple=multiple)
-
-    def refuse_nonfinite() -> None:
-        bad = nonfinite_params(raw_model)
-        if bad:
-            raise TrainingError(f"step {step}: the weights hold NaN/inf ({bad[0]}" + (f" and {len(bad) - 1} more"
-                                if len(bad) > 1 else "") + "), so nothing was saved; lower train.lr or use "
-                                f"train.precision=fp32, and resume from the last checkpoint in {run_dir}/checkpoints")
-
-    def checkpoint() -> None:
-        # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
-        state["window"] = [float(window_loss), window_examples, window_units, window_seconds]
-        state["window_parts"] = {k: float(v) for k, v in window_parts.items()}
-        state["grad_accum"] = accum
-        state["frozen"] = objective.frozen()
-        if main:
-            save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, state, t.keep_checkpoints, extras)
-        acc.wait_for_everyone()
-
-    def next_unlabelled() -> list[int]:
-        """This step's unlabelled rows (as many as a labelled step), advancing the stream's own position."""
-        epoch_u, at = state["streams"]["unlabelled"]
-        batches_u = step_batches(unlabelled.lengths, step_size, u_seed, epoch_u, t.group_by_length)
-        if at >= len(batches_u):  # the stream wraps into its next epoch on its own
-            epoch_u, at = epoch_u + 1, 0
-            batches_u = step_batches(unlabelled.lengths, step_size, u_seed, epoch_u, t.group_by_length)
-        state["streams"]["unlabelled"] = [epoch_u, at + 1]
-        return [n_labelled + i for i in batches_u[at]]
-
-    def micro_pass(micro: list[list[int]], units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        step_loss, parts = torch.zeros((), device=acc.device), {}
-        for k, idx in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in spec.collate(train_data, idx, pad_id, multiple).items()}
-            sync = k == len(micro) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                out = objective(model, batch, idx, units)
-            # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
-            acc.backward(out.total * acc.num_processes / units["train"])
-            step_loss += out.total.detach().float()
-            for name, part in out.parts.items():
-                parts[name] = parts.get(name, 0) + part.float()
-        return step_loss, parts
-
-    def forward_backward(step_batch: list[int], units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of one step's micro-batches; its summed loss and loss parts, on the device (no host
-        sync).
-        Out of memory with train.auto_batch_size: halve the micro-batch, double accumulation, redo the step."""
-        nonlocal accum
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        while True:
-            micro = micro_batches(step_batch, lengths, acc.num_processes, acc.process_index, accum,
-                                  token_budget)
-            try:
-                return micro_pass(micro, units)
-            except Exception as e:  # noqa: BLE001  (only out-of-memory is handled; the rest re-raises)
-                if not is_oom(e):
-                    raise
-                oom = (str(e).splitlines() or [type(e).__name__])[0]
-            # Outside `except`: the traceback, and the activations its frames hold, are gone before freeing.
-            optimizer.zero_grad(set_to_none=True)
-            free_memory()
-            size = max(len(m) for m in micro)  # a token budget may already have cut some: halve the largest
-            if not t.auto_batch_size:
-                raise TrainingError(f"step {step + 1}: out of memory with a micro-batch of {size} ({oom}); set "
-                                    "train.auto_batch_size=true, or lower train.batch_size and raise "
-                                    "train.grad_accum (same examples per step)")
-            if size <= 1:
-                raise TrainingError(f"step {step + 1}: out of memory even with a micro-batch of 1 ({oom}); lower "
-                                    "data.max_length, set train.gradient_checkpointing=true, or use a LoRA strategy "
-                                    "or a smaller model")
-            accum *= 2
-            torch.set_rng_state(rng[0])  # the retry draws the same dropout masks as a run set to this size
-            if rng[1] is not None:
-                torch.cuda.set_rng_state_all(rng[1])
-            if main:
-                log(f"out of memory at step {step + 1} with a micro-batch of {size}: retrying the step with "
-                    f"{-(-size // 2)} (train.grad_accum {accum}, same examples per step)")
-
-    # --- the loop ----------------------------------------------------------------------------------------------
-    metric = cfg.best_metric
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (main and t.progress),
-               file=sys.stderr, dynamic_ncols=True)
-    # The window's loss stays on the device: no host sync per micro-batch, only when a line is logged.
-    window_loss, window_examples, window_units, window_seconds = torch.zeros((), device=acc.device), 0, 0, 0.0
-    window_parts: dict[str, torch.Tensor] = {}  # the objective's named loss parts (distill: hard, soft)
-    if "window" in state:
-        window_loss = torch.tensor(state["window"][0], device=acc.device)
-        window_examples, window_units, window_seconds = state["window"][1:]
-        window_parts = {k: torch.tensor(v, device=acc.device) for k, v in state.get("window_parts", {}).items()}
-    stop, stopped_by = step >= total_steps, None
+# --- the loop --------------------------------------------------------------------------------------------------
+def fit(run: Run, on_eval=None) -> str | None:
+    """Train to run.total_steps (or an early stop); returns what stopped it early by signal, else None."""
+    t, state, acc = run.cfg.train, run.state, run.acc
+    run.model.train()
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not (run.main and t.progress), file=sys.stderr, dynamic_ncols=True)
+    window = Window.open(state, acc.device)
+    stop = run.step >= run.total_steps
     trim_heap()  # tokenization and loading garbage
     delay = step_delay_for_tests()
     while not stop:
-        epoch = state["epoch"]
-        batches = step_batches(lengths[:n_labelled], step_size, t.seed, epoch, t.group_by_length)
-        for step_batch in batches[state["step_in_epoch"]:]:
+        epoch = state.epoch
+        batches = step_batches(run.lengths[:run.n_labelled], run.step_size, t.seed, epoch, t.group_by_length)
+        for step_batch in batches[state.step_in_epoch:]:
             if delay:
                 time.sleep(delay)
             tick = time.perf_counter()
-            if plan.on_step:
-                plan.on_step(step)
-            units = {"train": sum(weights[i] for i in step_batch)}  # loss units of this step, per stream
-            rows = step_batch
-            if unlabelled is not None:
-                extra = next_unlabelled()
-                rows, units["unlabelled"] = step_batch + extra, len(extra)
-            step_loss, step_parts = forward_backward(rows, units)
-            units = units["train"]
-            if extra_params and acc.num_processes > 1:  # outside DDP: averaged by hand, as DDP averages the model's
-                for p in extra_params:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= acc.num_processes
-            params = [*model.parameters(), *extra_params]
-            if sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
-                grad_norm = clip_grad_norm(params, t.max_grad_norm or float("inf"), optimizer)
-            elif t.max_grad_norm:
-                grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
-            else:
-                grad_norm = total_grad_norm(params)
-            # The one host sync per step: a non-finite loss or gradient skips the update (weights, optimizer and
-            # schedule untouched; the data position still advances); a signal on any process stops after it.
-            flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm.to(step_loss.device)),
-                                 torch.tensor(signals.received is not None, device=step_loss.device)]).float()
-            if acc.num_processes > 1:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad_loss, bad_grad, signalled = flags.tolist()
-            skipped = "non-finite loss" if bad_loss else "non-finite grad" if bad_grad else None
-            if skipped is None:
-                optimizer.step()
-                scheduler.step()
-                window_loss += step_loss
-                for name, part in step_parts.items():
-                    window_parts[name] = window_parts.get(name, 0) + part
-                window_units += units
-                state["bad_steps"] = 0
-            else:
-                state["bad_steps"] += 1
-                state["skipped_steps"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state["step_in_epoch"] += 1
-            state["examples"] += sum(row_examples[i] for i in step_batch)
-            state["tokens"] += sum(lengths[i] for i in step_batch)
-            window_examples += sum(row_examples[i] for i in step_batch)
-            if ids_file:
-                ids_file.write(json.dumps({"step": step, "ids": step_batch}) + "\n")
-                ids_file.flush()
+            if run.plan.on_step:
+                run.plan.on_step(run.step)
+            grad_norm, skipped, signalled = step_update(run, step_batch, window)
+            run.step += 1
+            step = run.step
+            state.step_in_epoch += 1
+            state.examples += sum(run.row_examples[i] for i in step_batch)
+            state.tokens += sum(run.lengths[i] for i in step_batch)
+            window.examples += sum(run.row_examples[i] for i in step_batch)
+            if run.ids_file:
+                run.ids_file.write(json.dumps({"step": step, "ids": step_batch}) + "\n")
+                run.ids_file.flush()
             if skipped:
-                write({"step": step, "skipped": skipped})
-                if main:
+                write(run, {"step": step, "skipped": skipped})
+                if run.main:
                     bar.write(f"warning: step {step}: {skipped}; skipped it (weights, optimizer and schedule "
-                              f"unchanged), {state['bad_steps']} in a row", file=sys.stderr)
-                if state["bad_steps"] >= t.max_bad_steps:
+                              f"unchanged), {state.bad_steps} in a row", file=sys.stderr)
+                if state.bad_steps >= t.max_bad_steps:
                     raise TrainingError(
-                        f"step {step}: {skipped} in {state['bad_steps']} steps in a row (train.max_bad_steps), "
+                        f"step {step}: {skipped} in {state.bad_steps} steps in a row (train.max_bad_steps), "
                         "none of them applied; lower train.lr, keep train.max_grad_norm set, try "
-                        f"train.precision=fp32 or check the data, then resume with --resume {run_dir}")
-            state["train_seconds"] += time.perf_counter() - tick
-            window_seconds += time.perf_counter() - tick
+                        f"train.precision=fp32 or check the data, then resume with --resume {run.run_dir}")
+            state.train_seconds += time.perf_counter() - tick
+            window.seconds += time.perf_counter() - tick
             bar.update(1)
-            epoch_end = state["step_in_epoch"] == len(batches)
+            epoch_end = state.step_in_epoch == len(batches)
             if epoch_end:
-                state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+                state.epoch, state.step_in_epoch = epoch + 1, 0
 
-            if (step % t.log_every == 0 or step == total_steps) and window_units:
-                record = {"step": step, "epoch": round(state["epoch"] + state["step_in_epoch"] / len(batches), 4),
-                          "loss": float(window_loss) / max(1, window_units / acc.num_processes),
-                          "lr": max(scheduler.get_last_lr()), "examples_per_s": window_examples / window_seconds}
+            if (step % t.log_every == 0 or step == run.total_steps) and window.units:
+                record = {"step": step, "epoch": round(state.epoch + state.step_in_epoch / len(batches), 4),
+                          "loss": float(window.loss) / max(1, window.units / acc.num_processes),
+                          "lr": max(run.scheduler.get_last_lr()), "examples_per_s": window.examples / window.seconds}
                 if t.max_grad_norm:
                     record["grad_norm"] = float(grad_norm)
-                for name, part in window_parts.items():  # per-part losses on the loss's scale (torchtune's KD recipe)
-                    record[f"loss/{name}"] = float(part) / max(1, window_units / acc.num_processes)
-                write(record)
-                state["last_loss"] = record["loss"]
+                for name, part in window.parts.items():  # per-part losses on the loss's scale (torchtune's KD recipe)
+                    record[f"loss/{name}"] = float(part) / max(1, window.units / acc.num_processes)
+                write(run, record)
+                state.last_loss = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-                window_loss, window_examples, window_units, window_seconds = window_loss.zero_(), 0, 0, 0.0
-                window_parts = {}
+                window.reset()
 
-            stop = step >= total_steps
+            stop = step >= run.total_steps
             due = (step % t.eval_every == 0) if t.eval_every else epoch_end
             if due or stop:
-                refuse_nonfinite()
-                if dev_data is not None:
-                    scores = evaluate("dev", dev_data)
-                    write({"step": step, "split": "dev", **scores})
-                    if main:
-                        bar.write(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()),
-                                  file=sys.stderr)
-                    if is_better(metric, scores[metric], state["best"]):
-                        state.update(best=scores[metric], best_step=step, bad_evals=0, best_scores=scores)
-                        if main:
-                            save_best(run_dir, raw_model, tokenizer, cfg, labels, step, scores)
-                    else:
-                        state["bad_evals"] += 1
-                elif main:
-                    save_best(run_dir, raw_model, tokenizer, cfg, labels, step, {})
-                checkpoint()
-                if on_eval is not None and dev_data is not None and on_eval(step, scores):
-                    if main:
-                        bar.write(f"stopped at step {step} by the caller (e.g. a pruned tuning trial)", sys.stderr)
-                    state["stopped_early"] = True
-                    stop = True
-                patience = t.early_stopping_patience
-                if patience is not None and state["bad_evals"] >= patience:
-                    if main:
-                        bar.write(f"early stopping: no {metric} improvement in {patience} evaluations", sys.stderr)
-                    stop = True
+                stop = validate_and_save(run, window, bar, on_eval) or stop
             if signalled and not stop:  # SIGTERM/SIGINT: checkpoint at this step boundary, then return
                 if not due:  # (an evaluation step has just saved one)
-                    refuse_nonfinite()
-                    checkpoint()
-                stopped_by, stop = signals.received or "a signal to another process", True
+                    refuse_nonfinite(run)
+                    checkpoint(run, window)
+                bar.close()
+                return run.signals.received or "a signal to another process"
             if stop:
                 break
     bar.close()
-    if ids_file:
-        ids_file.close()
-    if stopped_by:
-        if main:
-            metrics_file.close()
-            tracker.close()
-            log(f"stopped by {stopped_by} at step {step}/{total_steps}; checkpoint saved. Resume with: "
-                f"sftlab train {run_dir / 'config.yaml'} --resume {run_dir}")
-        acc.wait_for_everyone()
-        return run_dir
+    return None
 
-    # --- summary: best model on test, throughput, memory -----------------------------------------------------
+
+def step_update(run: Run, step_batch: list[int], window: Window) -> tuple[torch.Tensor, str | None, bool]:
+    """Forward, backward, clip and (unless the loss or gradient is non-finite) update: one optimizer step.
+    Returns (gradient norm, why the update was skipped or None, whether a stop signal arrived anywhere)."""
+    t, acc, state = run.cfg.train, run.acc, run.state
+    units = {"train": sum(run.weights[i] for i in step_batch)}  # loss units of this step, per stream
+    rows = step_batch
+    if run.unlabelled is not None:
+        extra = next_unlabelled(run)
+        rows, units["unlabelled"] = step_batch + extra, len(extra)
+    step_loss, step_parts = forward_backward(run, rows, units)
+    if run.extra_params and acc.num_processes > 1:  # outside DDP: averaged by hand, as DDP averages the model's
+        for p in run.extra_params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= acc.num_processes
+    params = [*run.model.parameters(), *run.extra_params]
+    if run.sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
+        grad_norm = clip_grad_norm(params, t.max_grad_norm or float("inf"), run.optimizer)
+    elif t.max_grad_norm:
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+    else:
+        grad_norm = total_grad_norm(params)
+    # The one host sync per step: a non-finite loss or gradient skips the update (weights, optimizer and
+    # schedule untouched; the data position still advances); a signal on any process stops after it.
+    flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm.to(step_loss.device)),
+                         torch.tensor(run.signals.received is not None, device=step_loss.device)]).float()
+    if acc.num_processes > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad_loss, bad_grad, signalled = flags.tolist()
+    skipped = "non-finite loss" if bad_loss else "non-finite grad" if bad_grad else None
+    if skipped is None:
+        run.optimizer.step()
+        run.scheduler.step()
+        window.loss += step_loss
+        for name, part in step_parts.items():
+            window.parts[name] = window.parts.get(name, 0) + part
+        window.units += units["train"]
+        state.bad_steps = 0
+    else:
+        state.bad_steps += 1
+        state.skipped_steps += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped, bool(signalled)
+
+
+def next_unlabelled(run: Run) -> list[int]:
+    """This step's unlabelled rows (as many as a labelled step), advancing the stream's own position."""
+    t = run.cfg.train
+    epoch_u, at = run.state.streams["unlabelled"]
+    batches_u = step_batches(run.unlabelled.lengths, run.step_size, run.u_seed, epoch_u, t.group_by_length)
+    if at >= len(batches_u):  # the stream wraps into its next epoch on its own
+        epoch_u, at = epoch_u + 1, 0
+        batches_u = step_batches(run.unlabelled.lengths, run.step_size, run.u_seed, epoch_u, t.group_by_length)
+    run.state.streams["unlabelled"] = [epoch_u, at + 1]
+    return [run.n_labelled + i for i in batches_u[at]]
+
+
+def forward_backward(run: Run, rows: list[int], units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of one step's micro-batches; its summed loss and loss parts, on the device (no host
+    sync). Out of memory with train.auto_batch_size: halve the micro-batch, double accumulation, redo the step."""
+    t, acc = run.cfg.train, run.acc
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    while True:
+        micro = micro_batches(rows, run.lengths, acc.num_processes, acc.process_index, run.accum, run.token_budget)
+        try:
+            return micro_pass(run, micro, units)
+        except Exception as e:  # noqa: BLE001  (only out-of-memory is handled; the rest re-raises)
+            if not is_oom(e):
+                raise
+            oom = (str(e).splitlines() or [type(e).__name__])[0]
+        # Outside `except`: the traceback, and the activations its frames hold, are gone before freeing.
+        run.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        size = max(len(m) for m in micro)  # a token budget may already have cut some: halve the largest
+        if not t.auto_batch_size:
+            raise TrainingError(f"step {run.step + 1}: out of memory with a micro-batch of {size} ({oom}); set "
+                                "train.auto_batch_size=true, or lower train.batch_size and raise "
+                                "train.grad_accum (same examples per step)")
+        if size <= 1:
+            raise TrainingError(f"step {run.step + 1}: out of memory even with a micro-batch of 1 ({oom}); lower "
+                                "data.max_length, set train.gradient_checkpointing=true, or use a LoRA strategy "
+                                "or a smaller model")
+        run.accum *= 2
+        torch.set_rng_state(rng[0])  # the retry draws the same dropout masks as a run set to this size
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        if run.main:
+            log(f"out of memory at step {run.step + 1} with a micro-batch of {size}: retrying the step with "
+                f"{-(-size // 2)} (train.grad_accum {run.accum}, same examples per step)")
+
+
+def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int]) -> tuple[torch.Tensor, dict]:
+    acc = run.acc
+    step_loss, parts = torch.zeros((), device=acc.device), {}
+    for k, idx in enumerate(micro):
+        batch = {key: v.to(acc.device) for key, v in run.spec.collate(run.train_data, idx, run.pad_id,
+                                                                       run.multiple).items()}
+        sync = k == len(micro) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
+            out = run.objective(run.model, batch, idx, units)
+        # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
+        acc.backward(out.total * acc.num_processes / units["train"])
+        step_loss += out.total.detach().float()
+        for name, part in out.parts.items():
+            parts[name] = parts.get(name, 0) + part.float()
+    return step_loss, parts
+
+
+# --- validate, save, checkpoint --------------------------------------------------------------------------------
+def validate(run: Run, encoded, model: torch.nn.Module | None = None) -> dict:
+    """The task's scores of `model` (the run's own by default) on encoded rows."""
+    t = run.cfg.train
+    trim_heap()  # evaluation batches have new shapes: start it on a compact heap, and leave one behind
+    try:
+        return run.spec.evaluate(model or run.raw_model, encoded, batch_size=t.eval_batch_size, pad_id=run.pad_id,
+                                 device=run.acc.device, bf16=run.bf16, max_tokens=run.eval_tokens,
+                                 pad_multiple=run.multiple)
+    finally:
+        trim_heap()
+
+
+def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
+    """At an evaluation point: dev scores, best/ when they improve, a checkpoint; True when the run should stop
+    here (the caller's on_eval, early stopping)."""
+    t, state, metric, step = run.cfg.train, run.state, run.cfg.best_metric, run.step
+    refuse_nonfinite(run)
+    scores = None
+    if run.dev_data is not None:
+        scores = validate(run, run.dev_data)
+        write(run, {"step": step, "split": "dev", **scores})
+        if run.main:
+            bar.write(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), file=sys.stderr)
+        if is_better(metric, scores[metric], state.best):
+            state.best, state.best_step, state.bad_evals, state.best_scores = scores[metric], step, 0, scores
+            if run.main:
+                save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, step, scores)
+        else:
+            state.bad_evals += 1
+    elif run.main:
+        save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, step, {})
+    checkpoint(run, window)
+    stop = False
+    if on_eval is not None and scores is not None and on_eval(step, scores):
+        if run.main:
+            bar.write(f"stopped at step {step} by the caller (e.g. a pruned tuning trial)", sys.stderr)
+        state.stopped_early = True
+        stop = True
+    patience = t.early_stopping_patience
+    if patience is not None and state.bad_evals >= patience:
+        if run.main:
+            bar.write(f"early stopping: no {metric} improvement in {patience} evaluations", sys.stderr)
+        stop = True
+    return stop
+
+
+def refuse_nonfinite(run: Run) -> None:
+    bad = nonfinite_params(run.raw_model)
+    if bad:
+        raise TrainingError(f"step {run.step}: the weights hold NaN/inf ({bad[0]}" + (f" and {len(bad) - 1} more"
+                            if len(bad) > 1 else "") + "), so nothing was saved; lower train.lr or use "
+                            f"train.precision=fp32, and resume from the last checkpoint in {run.run_dir}/checkpoints")
+
+
+def checkpoint(run: Run, window: Window) -> None:
+    # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
+    window.save_into(run.state)
+    run.state.grad_accum = run.accum
+    run.state.frozen = run.objective.frozen()
+    if run.main:
+        save_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.scheduler, run.state.to_json(),
+                        run.cfg.train.keep_checkpoints, run.extras)
+    run.acc.wait_for_everyone()
+
+
+def write(run: Run, record: dict) -> None:
+    if run.metrics_file:
+        run.metrics_file.write(json.dumps(record) + "\n")
+        run.metrics_file.flush()
+        run.tracker.log(record)
+
+
+# --- the end: a signal's stop, or the summary --------------------------------------------------------------------
+def stop_here(run: Run, stopped_by: str) -> Path:
+    if run.ids_file:
+        run.ids_file.close()
+    if run.main:
+        run.metrics_file.close()
+        run.tracker.close()
+        log(f"stopped by {stopped_by} at step {run.step}/{run.total_steps}; checkpoint saved. Resume with: "
+            f"sftlab train {run.run_dir / 'config.yaml'} --resume {run.run_dir}")
+    run.acc.wait_for_everyone()
+    return run.run_dir
+
+
+def finish(run: Run) -> Path:
+    """The summary: best model on test, throughput, memory."""
+    if run.ids_file:
+        run.ids_file.close()
+    state, acc, raw_model = run.state, run.acc, run.raw_model
     summary = {
-        "run_dir": str(run_dir), "steps": step, "examples": state["examples"],
-        "train_seconds": round(state["train_seconds"], 3),
-        "train_examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
-        "train_tokens": state["tokens"], "train_tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
-        "final_loss": state["last_loss"],
+        "run_dir": str(run.run_dir), "steps": run.step, "examples": state.examples,
+        "train_seconds": round(state.train_seconds, 3),
+        "train_examples_per_s": state.examples / max(state.train_seconds, 1e-9),
+        "train_tokens": state.tokens, "train_tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
+        "final_loss": state.last_loss,
         "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in raw_model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "best_metric": metric, "best_step": state["best_step"], "dev_metrics": state.get("best_scores"),
-        "processes": acc.num_processes, "device": str(acc.device), "precision": "bf16" if bf16 else "fp32",
-        "data": data.report(cfg.task),
-        "grad_accum": accum, "micro_batch_size": -(-step_size // (acc.num_processes * accum)),
-        "micro_batch_tokens": token_budget, "pad_to_multiple_of": multiple, "allocator": allocator(),
-        "skipped_steps": state["skipped_steps"],
+        "best_metric": run.cfg.best_metric, "best_step": state.best_step, "dev_metrics": state.best_scores,
+        "processes": acc.num_processes, "device": str(acc.device), "precision": "bf16" if run.bf16 else "fp32",
+        "data": run.data.report(run.cfg.task),
+        "grad_accum": run.accum, "micro_batch_size": -(-run.step_size // (acc.num_processes * run.accum)),
+        "micro_batch_tokens": run.token_budget, "pad_to_multiple_of": run.multiple, "allocator": allocator(),
+        "skipped_steps": state.skipped_steps,
     }
     if torch.cuda.is_available():
         summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if "test" in data.encoded:
+    if "test" in run.data.encoded:
         from ..eval.evaluate import load_trained
 
-        best_model, _, _ = load_trained(run_dir, device=acc.device)
-        raw_model = best_model
-        summary["test_metrics"] = evaluate("test", data.encoded["test"])
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        metrics_file.close()
-        tracker.close(summary)
-        log(f"done: {step} steps in {summary['train_seconds']:.1f}s, {summary['train_examples_per_s']:.1f} examples/s")
+        best_model, _, _ = load_trained(run.run_dir, device=acc.device)
+        summary["test_metrics"] = validate(run, run.data.encoded["test"], best_model)
+    if run.main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run.metrics_file.close()
+        run.tracker.close(summary)
+        log(f"done: {run.step} steps in {summary['train_seconds']:.1f}s, {summary['train_examples_per_s']:.1f} "
+            f"examples/s")
         for split in ("dev", "test"):
             if summary.get(f"{split}_metrics"):
                 scores = " ".join(f"{k}={v:.4f}" for k, v in summary[f"{split}_metrics"].items())
-                log(f"{split} metrics (best model, step {state['best_step']}): {scores}")
+                log(f"{split} metrics (best model, step {state.best_step}): {scores}")
     acc.wait_for_everyone()
-    return run_dir
-
+    return run.run_dir
