@@ -134,10 +134,12 @@ def _bf16(args) -> bool:
 
 def _print_baselines(rows: dict) -> None:
     keys = [k for k in ("accuracy", "macro_f1", "mcc", "pearson", "spearman", "mse", "label_accuracy",
-                        "exact_match", "bleu", "rouge_l") if any(k in r for r in rows.values())]
+                        "exact_match", "bleu", "rouge_l", "params", "ms_per_row_batch1", "rows_per_s_batch32",
+                        "gen_tokens_per_s") if any(k in r for r in rows.values())]
     print("| model | " + " | ".join(keys) + " |", file=sys.stderr)
     for name, r in rows.items():
-        cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else "" for k in keys]
+        cells = [f"{r[k] / 1e6:.1f}M" if k == "params" and isinstance(r.get(k), int) else
+                 f"{r[k]:.4f}" if isinstance(r.get(k), float) else "" for k in keys]
         print(f"| {r.get('name', name)} | " + " | ".join(cells) + " |", file=sys.stderr)
 
 

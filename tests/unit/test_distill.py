@@ -4,6 +4,7 @@ soft loss; resume mid-run == uninterrupted (bitwise); per-part losses logged; ba
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,21 @@ def test_unlabelled_misuse_is_one_line(world, tmp_path, capsys):
     msg = one_line(capsys, ["train", "-", *world["base"], *distill(world), f"data.unlabelled={bad}",
                             f"output_dir={tmp_path / 'b'}"])
     assert "bad.jsonl" in msg and "no column 'text'" in msg
+
+
+def test_decoder_baselines_add_the_teacher_and_the_no_kd_student(chat_world, tmp_path):
+    """A distilled decoder's --baselines: teacher and no-KD rows next to the fine-tuned one, each with its
+    parameters and generated tokens/s; the no-KD twin is trained once and reused."""
+    from sftlab.eval.baselines import run_baselines
+
+    kd = lm_run(chat_world, tmp_path / "kd", "model.keep_layers=[1]", *distill(chat_world, "objective.alpha=0.5"))
+    data = [o for o in chat_world["base"] if o.startswith("data.train=")][0].split("=", 1)[1]
+    rows = run_baselines(str(kd), data, bf16=False, icl_shots=0, limit=4)
+    assert {"fine_tuned", "zero_shot", "teacher", "no_kd"} <= set(rows)
+    assert rows["teacher"]["params"] > rows["fine_tuned"]["params"] == rows["no_kd"]["params"]
+    assert all(rows[n]["gen_tokens_per_s"] >= 0 for n in ("fine_tuned", "teacher", "no_kd"))  # tiny: may stop at once
+    assert not (Path(chat_world["teacher"]) / "analysis").exists()  # nothing written into the teacher's run
+    twin = tmp_path / "kd" / "baselines" / "no_kd" / "summary.json"
+    stamp = twin.stat().st_mtime_ns
+    run_baselines(str(kd), data, bf16=False, icl_shots=0, limit=4)
+    assert twin.stat().st_mtime_ns == stamp

@@ -4,6 +4,8 @@
 - from_scratch: the twin - same architecture, random init, full training, the run's own data and training
   budget (`model.from_scratch: true`), trained once into RUN_DIR/baselines/from_scratch/ and reused.
 - decoders: the base model zero-shot and with K in-context examples from data.train (same metric).
+- distilled runs: the teacher and the same student trained without distillation (`no_kd`, trained once into
+  RUN_DIR/baselines/no_kd/), with parameters and speed: CPU latency for classifiers, generated tokens/s for decoders.
 Results go to RUN_DIR/baselines.json, keyed by the evaluation file, next to the fine-tuned model's figures.
 Only what is missing is computed; `--baselines` again reuses the twin and recomputes the cheap rows.
 """
@@ -140,6 +142,13 @@ def run_baselines(run: str, data: str, *, batch_size: int = 128, bf16: bool = Tr
         rows["zero_shot"] = evaluate_generation(cfg.model.name, data, **kw)
         if icl_shots:
             rows[f"icl_{icl_shots}_shot"] = evaluate_generation(cfg.model.name, data, icl_shots=icl_shots, **kw)
+        if cfg.objective.name == "distill":  # the teacher and the same student without KD (trained once, reused)
+            from ..objectives.teacher import model_folder
+
+            teacher = str(model_folder(cfg.objective.teacher))  # its analysis stays out of the teacher's run
+            rows["teacher"] = evaluate_generation(teacher, data, analysis=False, **kw) | {
+                "name": f"teacher ({cfg.objective.teacher})"}
+            rows["no_kd"] = evaluate_generation(str(no_kd(run_dir, cfg)), data, **kw)
     else:
         rows["fine_tuned"] = evaluate_file(str(run_dir), data, batch_size=batch_size, bf16=bf16)
         rows["majority"] = majority(cfg, data, meta["labels"])

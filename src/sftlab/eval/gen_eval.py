@@ -6,6 +6,7 @@ examples from the training set, so zero-shot, K-shot ICL and SFT are measured on
 from __future__ import annotations
 
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def reference_perplexity(model, tokenizer, convs, dcfg: DataConfig, template, ba
 
 def evaluate_generation(target: str, data: str, *, config: str | None = None, icl_shots: int = 0,
                         labels: list[str] | None = None, max_new_tokens: int = 64, batch_size: int = 16,
-                        limit: int | None = None, seed: int = 0, out: str | None = None, bf16: bool = True) -> dict:
+                        limit: int | None = None, seed: int = 0, out: str | None = None, bf16: bool = True,
+                        analysis: bool = True) -> dict:
     model, tokenizer, meta = load_generator(target)
     dcfg = data_config(target, config)
     template = dcfg.template or meta.get("template")
@@ -118,14 +120,20 @@ def evaluate_generation(target: str, data: str, *, config: str | None = None, ic
         prompt_tokens.append(ids)
         refs.append(conv.messages[-1]["content"])
     stop = [tokenizer.eos_token] if tokenizer.eos_token else None
+    t0 = time.perf_counter()
     preds = generate(model, tokenizer, prompt_tokens, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
                      bf16=bf16, progress=True, seed=seed, device=model.device)
+    seconds = time.perf_counter() - t0
     scores = generation_metrics(preds, refs, labels=labels)
+    # Speed as a user sees it: the outputs' tokens (re-tokenized) per second of the whole batched generation.
+    new_tokens = sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in preds)
+    scores |= {"params": sum(p.numel() for p in model.parameters()), "gen_tokens_per_s": new_tokens / max(seconds,
+                                                                                                         1e-9)}
     if not icl_shots:  # perplexity of the reference answers under the model (same prompts, no shots)
         scores |= reference_perplexity(model, tokenizer, convs, dcfg, template, batch_size, bf16)
     scores |= {"examples": len(convs), "icl_shots": icl_shots}
     parsed = label_accuracy(preds, refs, labels)[1] if labels else [None] * len(preds)
-    target_file = analysis_path(target, data)
+    target_file = analysis_path(target, data) if analysis else None
     if target_file and not icl_shots:  # error analysis of the fine-tuned run, kept in its run directory
         per = [{"prompt": p, "reference": r, "output": o, "parsed": lab}
                for p, r, o, lab in zip(prompts, refs, preds, parsed)]
