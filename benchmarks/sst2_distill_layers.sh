@@ -3,22 +3,12 @@
 # + hidden states) from the fine-tuned 6-layer minilm-l6, against the same student without distillation.
 # Usage: SFTLAB_DATA_DIR=../shared/data bash benchmarks/sst2_distill_layers.sh [OUT]   (default runs/kd-sst2)
 # The teacher is OUT/student-nokd (benchmarks/sst2_distill.sh trains it); finished steps are skipped.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 OUT=${1:-runs/kd-sst2}
-SFTLAB=${SFTLAB:-.venv/bin/sftlab}
-: "${SFTLAB_DATA_DIR:?set SFTLAB_DATA_DIR to the folder holding glue/}"
-export SFTLAB_DATA_DIR
+source "$(dirname "$0")/_steps.sh"
 CFG=configs/glue/sst2.yaml
-step() {
-  local dir=$OUT/$1; shift
-  if [ -f "$dir/summary.json" ]; then echo "$dir: done" >&2; return; fi
-  if [ -f "$dir/config.yaml" ]; then "$SFTLAB" train $CFG "$@" output_dir="$dir" --resume "$dir" >/dev/null
-  else "$SFTLAB" train $CFG "$@" output_dir="$dir" >/dev/null; fi
-}
 [ -f "$OUT/student-nokd/summary.json" ] || { echo "train $OUT/student-nokd first (sst2_distill.sh)" >&2; exit 2; }
-step student3-nokd model.keep_layers=[1,3,5] train.epochs=1
-step student3-kd model.keep_layers=[1,3,5] train.epochs=1 objective.name=distill objective.teacher="$OUT/student-nokd" \
+step student3-nokd $CFG model.keep_layers=[1,3,5] train.epochs=1
+step student3-kd $CFG model.keep_layers=[1,3,5] train.epochs=1 objective.name=distill objective.teacher="$OUT/student-nokd" \
   objective.temperature="${KD_T:-2.0}" objective.alpha="${KD_ALPHA:-0.5}" \
   objective.attention_weight="${KD_ATT:-1.0}" objective.hidden_weight="${KD_HID:-1.0}"
 .venv/bin/python benchmarks/kd_table.py --data glue/sst2/dev.tsv \

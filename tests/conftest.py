@@ -31,43 +31,34 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with the packaged minilm tokenizer: same code path as real models, ~1M params."""
+def _tiny_bert(out: Path, hidden: int, seed: int) -> Path:
+    """A 2-layer BERT of this width (2 heads, no dropout) with the packaged minilm tokenizer, saved to `out`."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from sftlab.models import resolve_model
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with the packaged minilm tokenizer: same code path as real models, ~1M params."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"), 32, seed=0)
 
 
 @pytest.fixture(scope="session")
 def wide_model_dir(tmp_path_factory) -> Path:
     """tiny_model_dir's twin 48 wide (same tokenizer, layers and heads): a teacher whose hidden states need a
     projection from a tiny student's."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from sftlab.models import resolve_model
-
-    out = tmp_path_factory.mktemp("wide-bert")
-    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=96, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(1)
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _tiny_bert(tmp_path_factory.mktemp("wide-bert"), 48, seed=1)
 
 
 def model_pair(model_dir, task="classification", attention="sdpa"):

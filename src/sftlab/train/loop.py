@@ -9,6 +9,8 @@ Shape (litgpt's `fit(fabric, state, ...)`, torchtune's setup / train / save_chec
 `setup(cfg) -> Run` builds everything a run holds (accelerator, data and streams, model, objective and its extras,
 optimizer, schedule, typed LoopState, logs), then `fit(run)` is the loop itself, and `step_update`, `validate`,
 `checkpoint` and `finish` are plain functions of `run`. Nothing reads a variable defined after it.
+Past ~500 lines on purpose: the loop is the one file a reader follows top to bottom (nanoGPT's train.py), and
+splitting setup or the step from it would scatter that reading; the typed state already lives in train/state.py.
 """
 from __future__ import annotations
 
