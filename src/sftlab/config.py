@@ -48,9 +48,13 @@ class DataConfig(_Section):
     """Evaluation file used during training (best checkpoint, early stopping)."""
     test: str | None = None
     """Optional held-out file evaluated once with the best model at the end."""
-    unlabelled: str | None = None
-    """Text rows without labels (data.text column; a label column is ignored), learned from the teacher's soft
-    targets alone (objective distill, classification). Drawn as a second stream with its own epochs."""
+    unlabelled: str | list[str] | None = None
+    """Text rows without labels (a label column is ignored), one file or a list, learned from the teacher's soft
+    targets alone (objective distill; classification or regression). Drawn as a second stream with its own epochs."""
+    unlabelled_text: str | int | None = None
+    """Text column of the unlabelled files when it differs from `text` (e.g. `text` in reviews, `sentence` in SST-2)."""
+    limit_unlabelled: int | None = None
+    """Use only the first N valid unlabelled rows (over the files in order)."""
     text: str | int = "text"
     """Column with the (first) text: a name, or a 0-based index for headerless files."""
     text_pair: str | int | None = None
@@ -108,7 +112,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("limit_train", "limit_dev"):
+        for key in ("limit_train", "limit_dev", "limit_unlabelled"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ValueError(f"data.{key} must be >= 1 (or null for all rows), got {v}")
@@ -361,9 +365,12 @@ class RunConfig(_Section):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if (self.data.prompt is None) != (self.data.completion is None):
             raise ValueError("data.prompt and data.completion go together: set both (or neither)")
-        if self.data.unlabelled is not None and (self.objective.name != "distill" or self.task != "classification"):
+        if self.data.unlabelled is not None and (self.objective.name != "distill" or self.task == "causal_lm"):
+            # Decoders: a prompt without a completion has no loss positions for token-level KD; learning from
+            # teacher-written completions is sequence-level KD / self-training (pseudo-labels), not this stream.
             raise ValueError("data.unlabelled: unlabelled rows are learned from a teacher's soft targets; it needs "
-                             "objective.name=distill and task classification (remove it otherwise)")
+                             "objective.name=distill and an encoder task (classification or regression); remove it "
+                             "otherwise")
         if self.data.packing and self.task != "causal_lm":
             raise ValueError("data.packing is for task: causal_lm; remove it or set task=causal_lm")
         if self.task == "regression" and self.data.labels is not None:

@@ -259,6 +259,25 @@ def test_resume_with_the_unlabelled_stream_in_another_epoch_equals_uninterrupted
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_regression_distills_unlabelled_rows_from_several_files(world, tmp_path):
+    """Regression: soft = squared distance to the teacher's prediction; unlabelled rows carry NaN targets and add
+    nothing to the hard term. Two files read through their own text column, capped by limit_unlabelled."""
+    reg = [f"data.train={write_jsonl(tmp_path / 'reg.jsonl', [dict(r, label=2.5 * (r['label'] == 'positive')) for r in make_rows(48)])}",
+           "data.dev=null", "task=regression"]
+    teacher = run(world, tmp_path / "teacher", *reg)
+    files = [write_jsonl(tmp_path / f"u{i}.jsonl", [{"body": r["text"], "label": "?"} for r in make_rows(20, seed=i)])
+             for i in (7, 8)]
+    kd = run(world, tmp_path / "kd", *reg, "objective.name=distill", f"objective.teacher={teacher}",
+             f"data.unlabelled=[{files[0]},{files[1]}]", "data.unlabelled_text=body", "data.limit_unlabelled=25")
+    recs = records(kd)
+    for r in recs:
+        assert r["loss"] == pytest.approx(0.5 * r["loss/hard"] + 0.5 * r["loss/soft"] + 0.5 * r["loss/soft_unlabelled"],
+                                          rel=1e-5)
+        assert r["loss/soft_unlabelled"] > 0 and r["loss/hard"] == r["loss/hard"]  # finite: NaN targets left out
+    info = json.loads((kd / "summary.json").read_text())["data"]["unlabelled"]
+    assert info["rows"] == 25 and "u7.jsonl + " in info["source"]
+
+
 def test_unlabelled_misuse_is_one_line(world, tmp_path, capsys):
     u = unlabelled_file(tmp_path)
     msg = one_line(capsys, ["train", "-", *world["base"], f"data.unlabelled={u}", f"output_dir={tmp_path / 'a'}"])
@@ -266,7 +285,7 @@ def test_unlabelled_misuse_is_one_line(world, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"sentence": "no text column here"}] * 3)
     msg = one_line(capsys, ["train", "-", *world["base"], *distill(world), f"data.unlabelled={bad}",
                             f"output_dir={tmp_path / 'b'}"])
-    assert "bad.jsonl" in msg and "no column 'text'" in msg
+    assert "bad.jsonl" in msg and "no column 'text'" in msg and "data.unlabelled_text" in msg
 
 
 def test_decoder_baselines_add_the_teacher_and_the_no_kd_student(chat_world, tmp_path):

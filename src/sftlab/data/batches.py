@@ -62,9 +62,10 @@ def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
     return Encoded(ids, types, [e.label for e in examples], len(long_rows), raw, capped)
 
 
-def join(labelled: Encoded, unlabelled: Encoded, ignore: int = -100) -> Encoded:
+def join(labelled: Encoded, unlabelled: Encoded, ignore: int | float = -100) -> Encoded:
     """One row space for two streams: the unlabelled rows follow the labelled ones (row ids len(labelled)...) with
-    label `ignore` (cross-entropy skips it), so a micro-batch mixing both runs as one forward and one backward."""
+    label `ignore` (cross-entropy skips -100, the regression loss NaN), so a micro-batch mixing both runs as one
+    forward and one backward."""
     types = (labelled.token_type_ids + unlabelled.token_type_ids
              if labelled.token_type_ids is not None and unlabelled.token_type_ids is not None else None)
     return Encoded(labelled.input_ids + unlabelled.input_ids, types,

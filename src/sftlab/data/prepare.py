@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import RunConfig
+from ..errors import DataError
 from .batches import Encoded, encode
 from .examples import LabelMap, Split, load_split
 
@@ -61,9 +62,30 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
         out.splits[name] = split
         out.encoded[name] = encode(tokenizer, split.examples, d.max_length)
     if d.unlabelled is not None and "train" in splits:  # labels ignored: the teacher provides the targets
-        split, _ = load_split(d, d.unlabelled, cfg.task, out.labels, need_label=False)
-        out.splits["unlabelled"] = split
+        out.splits["unlabelled"] = split = _unlabelled(d, cfg.task)
         out.encoded["unlabelled"] = encode(tokenizer, split.examples, d.max_length)
+    return out
+
+
+def _unlabelled(d, task: str) -> Split:
+    """The unlabelled files as one split, in file order, read through their own text column when one is given."""
+    files = [d.unlabelled] if isinstance(d.unlabelled, str) else list(d.unlabelled)
+    cols = d if d.unlabelled_text is None else d.model_copy(update={"text": d.unlabelled_text})
+    out = None
+    for path in files:
+        left = None if d.limit_unlabelled is None else d.limit_unlabelled - (len(out.examples) if out else 0)
+        if left == 0:
+            break
+        try:
+            split, _ = load_split(cols, path, task, None, limit=left, need_label=False)
+        except DataError as e:
+            hint = "; name the unlabelled files' text column with data.unlabelled_text" if "no column" in str(e) else ""
+            raise DataError(f"{e}{hint}") from None
+        if out is None:
+            out = split
+        else:
+            out.source, out.examples = f"{out.source} + {split.source}", out.examples + split.examples
+            out.skipped.update(split.skipped)
     return out
 
 

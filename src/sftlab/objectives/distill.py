@@ -126,6 +126,13 @@ class Distill:
     def frozen(self) -> dict[str, str]:
         return {"teacher": self.fp}
 
+    def _soft_classes(self, logits, target):
+        return soft_kl(logits, target, self.temperature)
+
+    @staticmethod
+    def _soft_regression(logits, target):  # squared distance to the teacher's prediction (no temperature)
+        return ((logits.float().squeeze(-1) - target.squeeze(-1)) ** 2).sum()
+
     def __call__(self, model, batch: dict, rows: list[int], units: dict[str, int]) -> LossOut:
         if self.live is not None:
             model = Recording(model, **self.live.flags())
@@ -139,17 +146,15 @@ class Distill:
         t_out = self.live.forward(batch) if self.live is not None else None
         target = t_out.logits.float() if t_out is not None else self.teacher[rows].to(logits.device)
         unl = torch.tensor([r >= self.n_labelled for r in rows], device=logits.device)
-        if self.regression:
-            soft = ((logits.float().squeeze(-1) - target.squeeze(-1)) ** 2).sum()
-            total, parts = mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()}
-        elif not unl.any():
-            soft = soft_kl(logits, target, self.temperature)
+        soft_of = self._soft_regression if self.regression else self._soft_classes
+        if not unl.any():
+            soft = soft_of(logits, target)
             total, parts = mix(hard, soft, self.alpha), {"hard": hard.detach(), "soft": soft.detach()}
         else:
             # Unlabelled rows: soft targets only, weighted alpha, as the mean over the step's unlabelled rows (the
             # loop divides every sum by the labelled units, so their sum is rescaled by labelled / unlabelled units).
-            soft = soft_kl(logits[~unl], target[~unl], self.temperature)
-            soft_u = soft_kl(logits[unl], target[unl], self.temperature) * units["train"] / units["unlabelled"]
+            soft = soft_of(logits[~unl], target[~unl])
+            soft_u = soft_of(logits[unl], target[unl]) * units["train"] / units["unlabelled"]
             total = mix(hard, soft, self.alpha) + self.alpha * soft_u
             parts = {"hard": hard.detach(), "soft": soft.detach(), "soft_unlabelled": soft_u.detach()}
         if t_out is not None:  # intermediate terms: per-row sums; unlabelled rows as their stream's mean, as above

@@ -22,7 +22,11 @@ def classification_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def regression_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     logits = _forward(model, batch)
-    return F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum"), logits
+    y, pred = batch["labels"], logits.squeeze(-1)
+    known = ~torch.isnan(y)  # unlabelled rows (distill's second stream) carry NaN and add nothing
+    if not known.all():
+        y, pred = y[known], pred[known]
+    return F.mse_loss(pred, y, reduction="sum"), logits
 
 
 def _classes(labels):

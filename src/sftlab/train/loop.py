@@ -199,7 +199,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     # with their own epochs and order (seeded apart), so a micro-batch mixes both and runs one forward and backward.
     n_labelled, unlabelled = len(train_data), data.encoded.get("unlabelled")
     if unlabelled is not None:
-        train_data = join(train_data, unlabelled)
+        train_data = join(train_data, unlabelled, float("nan") if cfg.task == "regression" else -100)
     lengths = train_data.lengths
     token_budget = t.micro_batch_tokens
     if token_budget == "auto":  # the typical batch's padded size; only outliers get cut
