@@ -2,10 +2,15 @@
 
 Why: glibc's malloc keeps and fragments the memory of freed activations. One 8 x 512 smollm2 LoRA forward with
 activation checkpointing saved 771 MB of tensors for backward while the process grew 5.2 GB; a fixed 4 MB mmap
-threshold fixed the growth but its page faults cost 20% of the speed. jemalloc with decay off (freed pages are kept
-and reused, never handed back) measured, same machine and commands (docs/performance.md):
+threshold fixed the growth but its page faults cost 20% of the speed. jemalloc reuses freed blocks instead:
   LoRA on smollm2 (benchmarks/trl_sft.py work): 124 -> 142 tokens/s, peak RSS 6035 -> 3418 MB;
   minilm-l6 on SST-2 4,000 x 1: 203 -> 217 examples/s, peak RSS 1099 -> 1171 MB.
+Decay: first it was off (freed pages never handed back). That grew without bound on packed causal-LM LoRA
+(configs/instruct/sst2_lora.yaml, 256-token packs): ~0.5 GB a step, OOM-killed at 24 GB after 61 steps. Dirty pages
+purged after 5 s (muzzy off) keep the reuse within a step and bound the process, measured 2026-12-01 on 300 rows
+(11 steps): decay off 381 tokens/s, peak 7183 MB and climbing; 5 s decay 374 tokens/s, 4535 MB, flat (1.3-2.7 GB
+between steps); jemalloc's default 10 s decay with a background thread 323 tokens/s; minilm-l6 SST-2 4,000 x 1
+(two runs each, alternated): 400, 374 -> 377, 365 examples/s, peak 1109 -> 1018 MB.
 The allocator is chosen when a process starts, so the CLI re-executes itself once with LD_PRELOAD, as Intel's
 PyTorch launcher (`ipexrun`) does. Only from the console entry (never from `sftlab.cli.main()` in-process) and only
 for train / compare / tune. SFTLAB_ALLOCATOR=system keeps glibc; a MALLOC_CONF the user set is left as it is.
@@ -17,7 +22,7 @@ import os
 import sys
 
 VERBS = {"train", "compare", "tune"}
-CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+CONF = "dirty_decay_ms:5000,muzzy_decay_ms:0"
 _MARK = "_SFTLAB_ALLOCATOR_SET"
 
 

@@ -22,7 +22,7 @@ def execs(monkeypatch):
     return calls
 
 
-def test_training_verbs_reexec_once_with_preload_and_decay_off(execs):
+def test_training_verbs_reexec_once_with_preload_and_our_decay(execs):
     allocator.reexec_under_jemalloc(["train", "cfg.yaml", "train.lr=1e-4"])
     (exe, args, env), = execs
     assert exe == sys.executable and args == [sys.executable, "-m", "sftlab", "train", "cfg.yaml", "train.lr=1e-4"]
