@@ -109,6 +109,10 @@ class DataConfig(_Section):
     """causal_lm from labelled columns: raw label -> word, e.g. {"0": negative, "1": positive}."""
     packing: bool = False
     """causal_lm: pack several examples into each max_length row (attention never crosses examples)."""
+    mlm_probability: float = 0.15
+    """masked_lm: fraction of non-special tokens chosen per epoch (80% masked, 10% random, 10% kept)."""
+    whole_word_mask: bool = False
+    """masked_lm: choose whole words (every piece of a chosen word) instead of single tokens."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -116,6 +120,8 @@ class DataConfig(_Section):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ValueError(f"data.{key} must be >= 1 (or null for all rows), got {v}")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"data.mlm_probability must be in (0, 1) (0.15 is BERT's), got {self.mlm_probability}")
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
         return self
@@ -315,7 +321,7 @@ class ObjectiveConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     """The pretrained model to fine-tune."""
-    task: Literal["classification", "regression", "causal_lm"] = "classification"
+    task: Literal["classification", "regression", "causal_lm", "masked_lm"] = "classification"
     """classification (single sentence or pair), regression (one real target, e.g. STS-B), or causal_lm
     (instruction/chat tuning of a decoder)."""
     data: DataConfig = DataConfig()
@@ -371,6 +377,15 @@ class RunConfig(_Section):
             raise ValueError("data.unlabelled: unlabelled rows are learned from a teacher's soft targets; it needs "
                              "objective.name=distill and an encoder task (classification or regression); remove it "
                              "otherwise")
+        if self.task == "masked_lm" and self.strategy.name in ("lora", "dora", "prompt_tuning", "prefix_tuning",
+                                                                "adapter"):
+            # Its best/ is a starting point (model.name: RUN_DIR/best), which must be a whole model: an adapter
+            # folder would need its base and its (untrained-by-default) MLM head to mean anything.
+            raise ValueError(f"strategy.name: {self.strategy.name} saves an adapter, but task masked_lm saves a whole "
+                             "model for later runs to start from; use full, bitfit, top_k_layers, ffn_only or llrd")
+        if self.task == "masked_lm" and self.objective.name != "sft":
+            raise ValueError(f"objective.name: {self.objective.name} needs a labelled task; task masked_lm trains "
+                             "with objective sft (the default)")
         if self.data.packing and self.task != "causal_lm":
             raise ValueError("data.packing is for task: causal_lm; remove it or set task=causal_lm")
         if self.task == "regression" and self.data.labels is not None:

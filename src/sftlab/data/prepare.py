@@ -35,7 +35,7 @@ class Prepared:
                 "capped": enc.capped,
                 "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
             }
-            if name == "unlabelled":
+            if name == "unlabelled" or task == "masked_lm":
                 pass
             elif task == "classification":
                 counts = Counter(self.labels.names[e.label] for e in split.examples)
@@ -51,6 +51,10 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
     """Validate every row of every configured split (train first: it defines the label map), then tokenize."""
     if cfg.task == "causal_lm":
         return _prepare_lm(cfg, tokenizer, splits)
+    if cfg.task == "masked_lm":
+        from .text import prepare_masked
+
+        return prepare_masked(cfg, tokenizer, splits)
     d = cfg.data
     limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
     out = Prepared(labels=None)

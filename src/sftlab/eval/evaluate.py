@@ -130,6 +130,8 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
     RUN_DIR/analysis/<data stem>.json (see eval/analysis.py)."""
     model, tokenizer, meta = load_trained(run)
     dcfg = _data_config(Path(run), columns or {})
+    if meta["task"] == "masked_lm":
+        return _masked_scores(run, model, tokenizer, meta, dcfg, data, batch_size=batch_size, bf16=bf16, limit=limit)
     labels = LabelMap(meta["labels"]) if meta["labels"] else None
     split, _ = load_split(dcfg, data, meta["task"], labels, limit=limit)
     enc = encode(tokenizer, split.examples, meta["max_length"])
@@ -150,6 +152,30 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
 
         print(f"error analysis: {target}", file=sys.stderr)
     return scores
+
+
+def _masked_scores(run, model, tokenizer, meta, dcfg, data, *, batch_size, bf16, limit) -> dict:
+    """A masked LM's loss and perplexity on a text file, masked as the run masked its dev rows (its seed,
+    mlm_probability and whole_word_mask): the run's own dev file gives the training's last dev figures."""
+    import yaml
+
+    from ..data.text import _word_ids, load_text
+    from ..tasks import task_spec
+    from ..tasks.masked_lm import MaskedEncoded
+
+    cfg_file = Path(run_dir_of(run) or run) / "config.yaml"
+    saved = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    d, seed = saved.get("data", {}), saved.get("train", {}).get("seed", 0)
+    split = load_text(dcfg, data, limit=limit)
+    enc = encode(tokenizer, split.examples, meta["max_length"])
+    enc = MaskedEncoded(**vars(enc), seed=seed, probability=d.get("mlm_probability", 0.15),
+                        mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                        specials=tuple(sorted(set(tokenizer.all_special_ids))),
+                        word_ids=_word_ids(tokenizer, split.examples, meta["max_length"])
+                        if d.get("whole_word_mask") else None)
+    scores = task_spec("masked_lm").evaluate(model, enc, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
+                                             device=model.device, bf16=bf16)
+    return scores | {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
 
 
 def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None):

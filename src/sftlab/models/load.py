@@ -154,7 +154,7 @@ def attention_for(choice: str, task: str, max_length: int) -> str | None:
 
 def load_model(
     name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False,
-    attention: str | None = None, keep_layers: list[int] | None = None,
+    attention: str | None = None, keep_layers: list[int] | None = None, train_data=None,
 ) -> torch.nn.Module:
     """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM."""
     path = resolve_model(name)
@@ -175,7 +175,9 @@ def load_model(
             config = _hub_errors(name, AutoConfig.from_pretrained, path, **kwargs)
             model = auto.from_config(config, trust_remote_code=trust_remote_code, **attn)
         else:
-            model = _hub_errors(name, auto.from_pretrained, path, **kwargs)
+            model, info = _hub_errors(name, auto.from_pretrained, path, output_loading_info=True, **kwargs)
+            if spec.after_load:  # e.g. an MLM head the checkpoint lacks
+                spec.after_load(model, path, set(info["missing_keys"]), train_data)
         if keep_layers is not None:  # a shallower student from chosen blocks (models/layers.py)
             from .layers import keep_layers as prune
 

@@ -3,7 +3,7 @@
 The task is decided once, here (shared/design/fusion-architecture.md W1): the loop, evaluation, model loading,
 export and serving ask `task_spec(cfg.task)` for the model class and head, the collate function, the loss units per
 row, the loss, the evaluation and the metrics (with their direction) instead of branching on the task string.
-Registered: classification and regression (sequence.py), causal_lm (causal_lm.py). A new task is one file with one
+Registered: classification and regression (sequence.py), causal_lm (causal_lm.py), masked_lm (masked_lm.py). A new task is one file with one
 `tasks.register` line (docs/contributing.md).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ class TaskSpec:
     """(labels) -> from_pretrained kwargs that shape the head (num_labels, id2label, problem_type)."""
     loss: Callable[[Any, dict], tuple[Any, Any]]
     """(model, batch) -> (SUM of the loss over the batch's loss units, logits): the loop divides by the step's units."""
-    collate: Callable[[Any, list[int], int, int], dict]
-    """(encoded data, row ids, pad id, pad multiple) -> batch tensors."""
+    collate: Callable[..., dict]
+    """(encoded data, row ids, pad id, pad multiple, epoch=0) -> batch tensors (the epoch: masks drawn per epoch)."""
     units: Callable[[Any], list]
     """(encoded data) -> loss units per row: 1 per example, or its loss tokens (causal LM)."""
     examples: Callable[[Any], list]
@@ -33,11 +33,23 @@ class TaskSpec:
     """(model, encoded, *, batch_size, pad_id, device, bf16, max_tokens, pad_multiple) -> scores incl. loss."""
     metrics: dict[str, bool]
     """name -> higher is better; the first is the default `train.metric`."""
+    auto: str = ""
+    """transformers Auto class of the model; default: AutoModelForCausalLM for decoders, else
+    AutoModelForSequenceClassification."""
+    head_reads_first_token: bool = True
+    """An encoder head that reads position 0 only (classifiers): the last block may skip the other positions."""
+    step_units: Callable[[Any, list[int], int], int] | None = None
+    """(encoded data, row ids, epoch) -> loss units of those rows, for tasks whose units change per epoch (masked LM:
+    the masks are drawn per epoch); None: the fixed per-row `units`."""
+    after_load: Callable[..., None] | None = None
+    """(model, folder, missing keys, training data or None) after from_pretrained: initialise what the checkpoint
+    lacked (an MLM head)."""
 
     def auto_model(self):
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        import transformers
 
-        return AutoModelForCausalLM if self.decoder else AutoModelForSequenceClassification
+        name = self.auto or ("AutoModelForCausalLM" if self.decoder else "AutoModelForSequenceClassification")
+        return getattr(transformers, name)
 
     @property
     def default_metric(self) -> str:
@@ -45,6 +57,6 @@ class TaskSpec:
 
 
 def task_spec(name: str) -> TaskSpec:
-    from . import causal_lm, sequence  # noqa: F401  (registers the tasks)
+    from . import causal_lm, masked_lm, sequence  # noqa: F401  (registers the tasks)
 
     return tasks.get(name)

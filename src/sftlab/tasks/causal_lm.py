@@ -33,7 +33,7 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), logits
 
 
-def _collate(data, rows, pad_id, multiple=1):
+def _collate(data, rows, pad_id, multiple=1, epoch=0):
     from ..data.lm import collate_lm
 
     return collate_lm(data, rows, pad_id)  # packed rows carry their own positions: no width rounding

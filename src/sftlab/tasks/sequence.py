@@ -46,7 +46,7 @@ def _evaluator(name: str):
 
 
 def _collate(regression: bool):
-    def collate(data, rows, pad_id, multiple=1):
+    def collate(data, rows, pad_id, multiple=1, epoch=0):
         from ..data.batches import collate as pad
 
         return pad(data, rows, pad_id, regression, multiple)

@@ -161,6 +161,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         cfg.model.name, cfg.task, labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length), keep_layers=cfg.model.keep_layers,
+        train_data=train_data,  # a new MLM head starts as the training text's unigram model
     )
     # Student internals an objective reads (distill's attention / hidden terms): eager attention returns the maps,
     # and the first-token shortcut of the last block would leave one position of its hidden states.
@@ -171,7 +172,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         from ..models.fused_attention import enable_fused_attention
 
         enable_fused_attention(model)
-    if t.first_token_last_layer and not spec.decoder and not internals:
+    if t.first_token_last_layer and spec.head_reads_first_token and not spec.decoder and not internals:
         from ..models.first_token import enable_first_token_last_layer
 
         if enable_first_token_last_layer(model) and main:
@@ -333,7 +334,8 @@ def step_update(run: Run, step_batch: list[int], window: Window) -> tuple[torch.
     """Forward, backward, clip and (unless the loss or gradient is non-finite) update: one optimizer step.
     Returns (gradient norm, why the update was skipped or None, whether a stop signal arrived anywhere)."""
     t, acc, state = run.cfg.train, run.acc, run.state
-    units = {"train": sum(run.weights[i] for i in step_batch)}  # loss units of this step, per stream
+    units = {"train": run.spec.step_units(run.train_data, step_batch, state.epoch) if run.spec.step_units
+             else sum(run.weights[i] for i in step_batch)}  # loss units of this step, per stream (MLM: per epoch)
     rows = step_batch
     if run.unlabelled is not None:
         extra = next_unlabelled(run)
@@ -424,8 +426,8 @@ def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int]) -> tuple
     acc = run.acc
     step_loss, parts = torch.zeros((), device=acc.device), {}
     for k, idx in enumerate(micro):
-        batch = {key: v.to(acc.device) for key, v in run.spec.collate(run.train_data, idx, run.pad_id,
-                                                                       run.multiple).items()}
+        batch = {key: v.to(acc.device) for key, v in run.spec.collate(run.train_data, idx, run.pad_id, run.multiple,
+                                                                       epoch=run.state.epoch).items()}
         sync = k == len(micro) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
             out = run.objective(run.model, batch, idx, units)

@@ -1,0 +1,73 @@
+"""Raw text for self-supervised tasks (masked LM): one text column of any supported table format, or a plain `.txt`
+file with one text per line (blank lines skipped). Labels are never read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from .batches import encode
+from .examples import Example, Split, load_split, resolve_path
+
+
+def load_text(d, path: str, *, limit: int | None = None) -> Split:
+    source = resolve_path(d, path)
+    if source.endswith(".txt") and Path(source).is_file():
+        lines = Path(source).read_text(encoding="utf-8", errors="replace").splitlines()
+        split = Split(source, [])
+        for n, line in enumerate(lines, start=1):
+            if line.strip():
+                split.examples.append(Example(line.strip(), None, None, n))
+                if limit is not None and len(split.examples) >= limit:
+                    break
+        split.skipped["blank line"] = sum(1 for x in lines if not x.strip())
+        if not split.skipped["blank line"]:
+            del split.skipped["blank line"]
+        if not split.examples:
+            raise DataError(f"{source}: no text (every line is blank); a .txt file holds one text per line")
+        return split
+    try:
+        split, _ = load_split(d, path, "masked_lm", None, limit=limit, need_label=False)
+    except DataError as e:
+        hint = "; name the text column with data.text" if "no column" in str(e) else ""
+        raise DataError(f"{e}{hint}") from None
+    return split
+
+
+def prepare_masked(cfg, tokenizer, splits):
+    """Train / dev / test text encoded for masked LM (tasks/masked_lm.py): masks are drawn per batch, not here."""
+    from ..tasks.masked_lm import MaskedEncoded
+    from .prepare import Prepared
+
+    if tokenizer.mask_token_id is None:
+        raise ConfigError(f"task masked_lm: the tokenizer of {cfg.model.name} has no mask token (a decoder?); use an "
+                          "encoder with one (minilm-l6, BERT, RoBERTa), or task causal_lm to adapt a decoder")
+    d = cfg.data
+    limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
+    out = Prepared(labels=None)
+    for name in splits:
+        path = getattr(d, name)
+        if path is None:
+            continue
+        split = load_text(d, path, limit=limits[name])
+        enc = encode(tokenizer, split.examples, d.max_length)
+        out.splits[name] = split
+        out.encoded[name] = MaskedEncoded(
+            **vars(enc), seed=cfg.train.seed, probability=d.mlm_probability, mask_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer), specials=tuple(sorted(set(tokenizer.all_special_ids))),
+            word_ids=_word_ids(tokenizer, split.examples, d.max_length) if d.whole_word_mask else None)
+    return out
+
+
+def _word_ids(tokenizer, examples: list[Example], max_length: int) -> list[list[int]]:
+    """Per token the index of its word within the row (second text's words after the first's), -1 for specials."""
+    if not tokenizer.is_fast:
+        raise ConfigError("data.whole_word_mask needs a fast tokenizer (word boundaries); this model's is slow")
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    out = []
+    for i in range(len(texts)):
+        words, seqs = enc.word_ids(i), enc.sequence_ids(i)
+        first = 1 + max((w for w, s in zip(words, seqs) if w is not None and s == 0), default=-1)
+        out.append([-1 if w is None else w + (first if s == 1 else 0) for w, s in zip(words, seqs)])
+    return out
