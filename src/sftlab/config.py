@@ -90,9 +90,10 @@ class DataConfig(_Section):
     """Tokens per example after truncation; truncated examples are counted and reported."""
     skip_invalid: bool = False
     """false: the first bad row stops the run with file:line. true: bad rows are skipped and counted."""
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"] = "auto"
     """causal_lm row format: alpaca (instruction/input/output or instances), prompt/completion, chat `messages`,
-    ShareGPT `conversations`. auto: detected from each row's keys."""
+    ShareGPT `conversations`; `text`: raw text (data.text column, or a .txt file with one text per line) for
+    continued pre-training, loss on every token, long texts cut into max_length pieces. auto: detected per row."""
     template: str | None = None
     """causal_lm: null = the tokenizer's chat template (ChatML when it has none); or a Jinja template file."""
     system_prompt: str | None = None
@@ -377,6 +378,9 @@ class RunConfig(_Section):
             raise ValueError("data.unlabelled: unlabelled rows are learned from a teacher's soft targets; it needs "
                              "objective.name=distill and an encoder task (classification or regression); remove it "
                              "otherwise")
+        if self.data.format == "text" and (self.task != "causal_lm" or self.data.prompt is not None):
+            raise ValueError("data.format: text (raw text, loss on every token) is for task causal_lm without "
+                             "data.prompt; encoders read raw text with task masked_lm")
         if self.task == "masked_lm" and self.strategy.name in ("lora", "dora", "prompt_tuning", "prefix_tuning",
                                                                 "adapter"):
             # Its best/ is a starting point (model.name: RUN_DIR/best), which must be a whole model: an adapter

@@ -130,6 +130,23 @@ def _prepare_lm(cfg: RunConfig, tokenizer, splits) -> Prepared:
         if path is None:
             continue
         source = resolve_path(d, path)
+        if d.format == "text":  # raw text: continued pre-training (data/text.py)
+            from .text import encode_lm_text, load_text
+
+            split = load_text(d, path, limit=limits[name])
+            enc = encode_lm_text(tokenizer, split, d.max_length)
+            lengths = np.array(enc.lengths) if len(enc) else np.zeros(1)
+            info = {"source": split.source, "rows": len(split.examples), "examples": len(enc),
+                    "skipped": dict(split.skipped), "truncated": 0, "dropped": 0,
+                    "loss_tokens": int(sum(enc.weights)), "tokens": int(lengths.sum()),
+                    "tokens_per_example": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+                    | {"max": int(lengths.max())}}
+            if d.packing and name == "train":
+                enc = pack(enc, d.max_length)
+                info["packs"] = len(enc)
+                info["pack_fill"] = round(float(lengths.sum()) / (len(enc) * d.max_length), 4)
+            out.encoded[name], out.lm_report[name] = enc, info
+            continue
         table = read_table(source, header=True, skip_invalid=d.skip_invalid)
         if d.prompt is not None:
             table = to_prompt_completion(table, d.model_copy(update={"format": "prompt_completion"}))

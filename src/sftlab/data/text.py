@@ -71,3 +71,29 @@ def _word_ids(tokenizer, examples: list[Example], max_length: int) -> list[list[
         first = 1 + max((w for w, s in zip(words, seqs) if w is not None and s == 0), default=-1)
         out.append([-1 if w is None else w + (first if s == 1 else 0) for w, s in zip(words, seqs)])
     return out
+
+
+def encode_lm_text(tokenizer, split: Split, max_length: int):
+    """Raw text for causal-LM continued pre-training: each text + a document separator, cut into max_length
+    pieces (nothing is lost to truncation), every token after a text's first a target once; packing then fills
+    rows best-fit.
+
+    The separator is `<|endoftext|>` when the vocabulary has it (the document boundary of GPT-2-style and SmolLM2
+    pre-training; an instruct model's eos is its end-of-turn token, which would teach turn ends inside prose), else
+    the eos token."""
+    from .lm import LMEncoded, build
+
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if sep is None or sep == tokenizer.unk_token_id:
+        sep = tokenizer.eos_token_id
+    ids: list[list[int]] = []
+    for at in range(0, len(split.examples), 256):  # batches: the Rust tokenizer uses its threads
+        chunk = [e.text for e in split.examples[at: at + 256]]
+        for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            row = row + ([sep] if sep is not None else [])
+            # Pieces overlap by one token: a piece's last token is the next one's first input, so each token after
+            # the first is a target exactly once and no prediction is lost at a cut.
+            ids += [row[k: k + max_length] for k in range(0, max(1, len(row) - 1), max_length - 1)]
+    enc: LMEncoded = build(ids, [[1] * len(x) for x in ids], {})
+    enc.examples = len(split.examples)
+    return enc
