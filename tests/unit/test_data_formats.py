@@ -379,3 +379,20 @@ def test_collate_pad_id_regression_and_no_types():
 def test_collate_without_labels():
     batch = collate(toy_encoded(labels=(None,) * 4), [0, 1], pad_id=0, regression=False)
     assert "labels" not in batch and batch["input_ids"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("world,accum,budget", [(1, 1, None), (1, 4, None), (2, 2, None), (1, 1, 40), (2, 1, 25)])
+def test_paired_micro_batches_partition_both_streams_and_mix_them(world, accum, budget):
+    import random
+
+    from sftlab.data.batches import paired_micro_batches
+
+    rng = random.Random(world * 10 + accum)
+    lengths = [rng.randint(1, 12) for _ in range(40)]
+    a, b = list(range(0, 16)), list(range(16, 40))
+    seen = []
+    for rank in range(world):
+        for m in paired_micro_batches(a, b, lengths, world, rank, accum, budget):
+            assert any(i < 16 for i in m) and any(i >= 16 for i in m)  # both streams in every micro-batch
+            seen += m
+    assert sorted(seen) == list(range(40))

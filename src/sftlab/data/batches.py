@@ -135,6 +135,30 @@ def micro_batches(step: list[int], lengths: list[int], world: int, rank: int, ac
     return out
 
 
+def paired_micro_batches(step: list[int], extra: list[int], lengths: list[int], world: int, rank: int, accum: int,
+                         max_tokens: int | None = None) -> list[list[int]]:
+    """micro_batches of a step that also holds a second stream's rows (`extra`): each stream is cut alone and piece
+    k of one joins piece k of the other, so every micro-batch holds both streams in the step's proportion. Objectives
+    that compare the streams within a micro-batch (MMD, a domain classifier) then never see one side alone, however
+    accumulation, processes or a token budget split the step."""
+    parts = world * accum
+
+    def cut(rows: list[int], n: int) -> list[list[int]]:  # n pieces, longest first, sizes within one of each other
+        ordered = sorted(rows, key=lambda i: -lengths[i])
+        return [ordered[k * len(ordered) // n: (k + 1) * len(ordered) // n] for k in range(n)]
+
+    pairs = [(a, b) for a, b in list(zip(cut(step, parts), cut(extra, parts)))[rank::world] if a or b]
+    out = []
+    for a, b in pairs:
+        pieces = 1
+        if max_tokens:
+            longest = max(lengths[i] for i in a + b)
+            most = min(len(a), len(b)) or max(len(a), len(b))  # pieces keep both streams (may pass the budget)
+            pieces = max(1, min(most, -(-(len(a) + len(b)) * max(1, longest) // max_tokens)))
+        out += [x + y for x, y in zip(cut(a, pieces), cut(b, pieces)) if x or y]
+    return out
+
+
 def eval_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Length-sorted batches for inference (order restored by the caller), each at most `batch_size` rows and,
     given `max_tokens`, at most that many padded tokens (rows x longest row; one row always fits)."""

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
 from ..config import RunConfig
-from ..data.batches import join, micro_batches, step_batches
+from ..data.batches import join, micro_batches, paired_micro_batches, step_batches
 from ..data.prepare import format_report, prepare
 from ..errors import ConfigError, RunDirError, TrainingError
 from ..eval.metrics import is_better
@@ -394,7 +394,12 @@ def forward_backward(run: Run, rows: list[int], units: dict[str, int]) -> tuple[
     t, acc = run.cfg.train, run.acc
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     while True:
-        micro = micro_batches(rows, run.lengths, acc.num_processes, acc.process_index, run.accum, run.token_budget)
+        if run.unlabelled is None:
+            micro = micro_batches(rows, run.lengths, acc.num_processes, acc.process_index, run.accum, run.token_budget)
+        else:  # both streams in every micro-batch, in the step's proportion (objectives compare them per batch)
+            labelled = [r for r in rows if r < run.n_labelled]
+            micro = paired_micro_batches(labelled, rows[len(labelled):], run.lengths, acc.num_processes,
+                                         acc.process_index, run.accum, run.token_budget)
         try:
             return micro_pass(run, micro, units)
         except Exception as e:  # noqa: BLE001  (only out-of-memory is handled; the rest re-raises)
