@@ -39,6 +39,9 @@ class ModelConfig(_Section):
     SST-2 benchmark (docs/performance.md)."""
 
 
+UNLABELLED_OBJECTIVES = ("distill", "mmd", "dann")  # objectives that read data.unlabelled
+
+
 class DataConfig(_Section):
     dir: str | None = None
     """Base folder for relative train/dev/test paths (env `SFTLAB_DATA_DIR` is used when this is unset)."""
@@ -372,11 +375,12 @@ class RunConfig(_Section):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if (self.data.prompt is None) != (self.data.completion is None):
             raise ValueError("data.prompt and data.completion go together: set both (or neither)")
-        if self.data.unlabelled is not None and (self.objective.name != "distill" or self.task == "causal_lm"):
+        if self.data.unlabelled is not None and (self.objective.name not in UNLABELLED_OBJECTIVES
+                                                 or self.task not in ("classification", "regression")):
             # Decoders: a prompt without a completion has no loss positions for token-level KD; learning from
             # teacher-written completions is sequence-level KD / self-training (pseudo-labels), not this stream.
-            raise ValueError("data.unlabelled: unlabelled rows are learned from a teacher's soft targets; it needs "
-                             "objective.name=distill and an encoder task (classification or regression); remove it "
+            raise ValueError("data.unlabelled: a second stream of text for objective distill (soft targets) or "
+                             "mmd / dann (the target domain) on task classification or regression; remove it "
                              "otherwise")
         if self.data.format == "text" and (self.task != "causal_lm" or self.data.prompt is not None):
             raise ValueError("data.format: text (raw text, loss on every token) is for task causal_lm without "

@@ -199,6 +199,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     # A second stream (data.unlabelled): its rows follow the labelled ones in one row space and are drawn per step
     # with their own epochs and order (seeded apart), so a micro-batch mixes both and runs one forward and backward.
     n_labelled, unlabelled = len(train_data), data.encoded.get("unlabelled")
+    if unlabelled is not None and not getattr(objective, "reads_unlabelled", True):
+        unlabelled = None  # (mmd / dann at weight 0 are plain SFT: the stream is not drawn, so the run is SFT's)
     if unlabelled is not None:
         train_data = join(train_data, unlabelled, float("nan") if cfg.task == "regression" else -100)
     lengths = train_data.lengths
@@ -274,6 +276,8 @@ def fit(run: Run, on_eval=None) -> str | None:
             tick = time.perf_counter()
             if run.plan.on_step:
                 run.plan.on_step(run.step)
+            if hasattr(run.objective, "on_step"):  # e.g. DANN's reversal schedule
+                run.objective.on_step(run.step, run.total_steps)
             grad_norm, skipped, signalled = step_update(run, step_batch, window)
             run.step += 1
             step = run.step

@@ -1,0 +1,165 @@
+"""Domain adaptation objectives (objectives/mmd.py, dann.py) as equations: MMD's properties, gradient reversal,
+weight 0 == plain SFT bit for bit, resume == uninterrupted with both streams, and the bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import crash_after_checkpoint, make_rows, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def target_file(tmp_path):
+    rows = [{"text": r["text"].replace("the ", "a tiny ") + " indeed"} for r in make_rows(24, seed=5)]
+    return write_jsonl(tmp_path / "target.jsonl", rows)
+
+
+def _weights(run):
+    return load_file(str(run / "best" / "model.safetensors"))
+
+
+def test_mmd_is_zero_on_identical_samples_nonnegative_symmetric_and_grows_with_a_shift():
+    from sftlab.objectives.domain import mmd2
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(160, 8, generator=g), torch.randn(110, 8, generator=g)  # unequal sizes
+    assert abs(float(mmd2(x, x))) < 1e-6
+    assert float(mmd2(x, y)) >= 0 and torch.allclose(mmd2(x, y), mmd2(y, x), atol=1e-6)
+    values = [float(mmd2(x, y + shift)) for shift in (0.0, 0.5, 1.0, 2.0)]
+    assert values == sorted(values) and values[-1] > 5 * values[0]
+
+
+def test_gradient_reversal_flips_exactly_the_domain_gradient_into_the_encoder(tiny_model_dir):
+    from sftlab.models import load_model
+    from sftlab.objectives.domain import HeadInput, reverse_gradient
+
+    model = load_model(str(tiny_model_dir), "classification", ["a", "b"])
+    ids = torch.randint(5, 1000, (6, 9), generator=torch.Generator().manual_seed(0))
+    domain = torch.tensor([0, 0, 0, 1, 1, 1.0])
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    grads = []
+    for coefficient in (None, 0.3):
+        model.zero_grad()
+        clf.zero_grad()
+        with HeadInput(model) as f:
+            model(input_ids=ids)
+        feats = f.value if coefficient is None else reverse_gradient(f.value, coefficient)
+        torch.nn.functional.binary_cross_entropy_with_logits(clf(feats).squeeze(-1), domain).backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                      [p.grad.clone() for p in clf.parameters()]))
+    (enc_plain, clf_plain), (enc_rev, clf_rev) = grads
+    assert enc_plain and enc_plain.keys() == enc_rev.keys()
+    for n in enc_plain:
+        torch.testing.assert_close(enc_rev[n], -0.3 * enc_plain[n])
+    for a, b in zip(clf_plain, clf_rev):
+        assert torch.equal(a, b)  # the domain classifier itself learns at full strength
+
+
+@pytest.mark.parametrize("name", ["mmd", "dann"])
+def test_weight_zero_is_plain_sft_bit_for_bit(tiny_overrides, target_file, tmp_path, name):
+    import sftlab
+
+    sft = sftlab.train(sftlab.load_config(None, tiny_overrides + [f"output_dir={tmp_path / 'sft'}"]))
+    zero = sftlab.train(sftlab.load_config(None, tiny_overrides + [
+        f"objective.name={name}", "objective.weight=0", f"data.unlabelled={target_file}",
+        f"output_dir={tmp_path / name}"]))
+    a, b = _weights(sft), _weights(zero)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["mmd", "dann"])
+def test_resume_with_both_streams_equals_uninterrupted_and_logs_parts(tiny_overrides, target_file, tmp_path,
+                                                                     monkeypatch, name):
+    import json
+
+    import sftlab
+    import sftlab.train.loop as loop
+
+    # 64 labelled rows / batch 8 = 8 steps an epoch; 24 target rows = 3: the streams are in different epochs
+    common = tiny_overrides + [f"objective.name={name}", f"data.unlabelled={target_file}", "train.eval_every=3"]
+    full = sftlab.train(sftlab.load_config(None, common + [f"output_dir={tmp_path / 'full'}"]))
+    cfg = sftlab.load_config(None, common + [f"output_dir={tmp_path / 'cut'}"])
+    real = crash_after_checkpoint(monkeypatch, step=9)
+    with pytest.raises(KeyboardInterrupt):
+        sftlab.train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    cut = sftlab.train(cfg, resume=tmp_path / "cut")
+    a, b = _weights(full), _weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    part = {"mmd": "loss/mmd", "dann": "loss/domain"}[name]
+    assert any(part in r and r[part] > 0 and "loss/task" in r for r in logged)
+
+
+def test_mmd_training_pulls_the_domains_together(tiny_overrides, target_file, tmp_path):
+    """With a large weight the source and target features end closer (in MMD) than after source-only training."""
+    import sftlab
+    from sftlab.data.prepare import prepare
+    from sftlab.eval.evaluate import load_trained
+    from sftlab.objectives.domain import HeadInput, mmd2
+
+    def gap(run):
+        model, tok, _ = load_trained(run)
+        cfg = sftlab.load_config(None, tiny_overrides + [f"data.unlabelled={target_file}", "objective.name=mmd"])
+        enc = prepare(cfg, tok).encoded
+        feats = []
+        for part in ("train", "unlabelled"):
+            ids = enc[part].input_ids[:24]
+            width = max(map(len, ids))
+            batch = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+            with torch.no_grad(), HeadInput(model) as f:
+                model(input_ids=batch, attention_mask=(batch != 0).long())
+            feats.append(f.value)
+        return float(mmd2(*feats))
+
+    plain = sftlab.train(sftlab.load_config(None, tiny_overrides + [f"output_dir={tmp_path / 'plain'}"]))
+    adapted = sftlab.train(sftlab.load_config(None, tiny_overrides + [
+        "objective.name=mmd", "objective.weight=10", f"data.unlabelled={target_file}", f"output_dir={tmp_path / 'm'}"]))
+    assert gap(adapted) < gap(plain)
+
+
+def test_bad_inputs_one_line(tiny_overrides, target_file, tmp_path, toy_data):
+    import sftlab
+    from sftlab.errors import ConfigError, DataError
+
+    def run(*extra):
+        return sftlab.train(sftlab.load_config(None, tiny_overrides + list(extra)))
+
+    with pytest.raises(ConfigError, match="set data.unlabelled"):
+        run("objective.name=mmd")
+    with pytest.raises(ConfigError, match="is the training file"):
+        run("objective.name=dann", f"data.unlabelled={toy_data['train']}")
+    with pytest.raises(Exception, match="objective.weight must be >= 0"):
+        sftlab.load_config(None, tiny_overrides + ["objective.name=mmd", "objective.weight=-1"])
+    with pytest.raises(Exception, match="objective.gamma"):
+        sftlab.load_config(None, tiny_overrides + ["objective.name=dann", "objective.gamma=-1"])
+    with pytest.raises(Exception, match="Unknown key|unknown key|did you mean"):
+        sftlab.load_config(None, tiny_overrides + ["objective.name=mmd", "objective.gamma=3"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match="empty"):
+        run("objective.name=mmd", f"data.unlabelled={empty}", f"output_dir={tmp_path / 'e'}")
+
+
+def test_dann_trains_on_two_processes(tiny_overrides, target_file, tmp_path):
+    """Not equal to one process (per-micro-batch statistics, domain.py), but it runs: the domain classifier's
+    gradients are averaged by hand outside DDP, and every process keeps the same extras."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.unit.test_ddp import LAUNCHERS, free_port
+
+    common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + ["train.epochs=1"]
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, *LAUNCHERS["torchrun"](free_port()), "train", "-", *common,
+                           "train.batch_size=4", "objective.name=dann", f"data.unlabelled={target_file}",
+                           f"output_dir={out}"], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert "domain_classifier.0.weight" in load_file(str(ckpt / "extras.safetensors"))
