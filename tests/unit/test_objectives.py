@@ -1,6 +1,6 @@
 """The training-objective matrix: every registered objective has a row here, and at its neutral setting it trains
 exactly what plain SFT trains (bitwise) while logging its loss parts. Technique-specific equations live in the
-objective's own test file (test_distill.py)."""
+objective's own test file (test_distill.py, test_domain_adapt.py)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 MATRIX = {
     "sft": ([], set()),
     "distill": (["objective.teacher={teacher}", "objective.alpha=0", "objective.temperature=1"], {"hard", "soft"}),
+    "mmd": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
+    "dann": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
 }
 
 
@@ -38,14 +40,15 @@ def world(tiny_model_dir, tmp_path_factory):
             "train.log_every=1", "train.max_steps=4"]
     teacher = loop.train(load_config(None, base + [f"output_dir={root / 'teacher'}"]))
     sft = loop.train(load_config(None, base + [f"output_dir={root / 'sft'}"]))
-    return {"base": base, "teacher": str(teacher), "sft": sft}
+    target = write_jsonl(root / "target.jsonl", make_rows(16, seed=3))
+    return {"base": base, "teacher": str(teacher), "sft": sft, "target": str(target)}
 
 
 @pytest.mark.parametrize("name", sorted(MATRIX))
 def test_neutral_setting_is_plain_sft_and_parts_are_logged(name, world, tmp_path, monkeypatch):
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
     extra, parts = MATRIX[name]
-    over = [f"objective.name={name}"] + [e.format(teacher=world["teacher"]) for e in extra]
+    over = [f"objective.name={name}"] + [e.format(teacher=world["teacher"], target=world["target"]) for e in extra]
     run = loop.train(load_config(None, world["base"] + over + [f"output_dir={tmp_path / 'run'}"]))
     a = load_file(str(world["sft"] / "best" / "model.safetensors"))
     b = load_file(str(run / "best" / "model.safetensors"))

@@ -1,0 +1,112 @@
+"""Domain adaptation on the multi-domain reviews (issue 17): source -> target pairs, target dev accuracy per method.
+
+    SFTLAB_DATA_DIR=../shared/data python benchmarks/domain_adaptation.py [--pairs books:kitchen,dvd:electronics]
+        [--methods source,mlm,mmd,dann,ceiling] [--far] [--out runs/da] [key=value ...]
+
+Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far` adds each -> airline). Methods:
+  source   minilm-l6 fine-tuned on the source's labels (source dev chooses the best checkpoint)
+  mlm      masked-LM continued pre-training on the target's train text (configs/adapt/kitchen_mlm.yaml's settings,
+           once per target), then `source` from that start
+  mmd      `source` + objective mmd with the target's train text as data.unlabelled
+  dann     `source` + objective dann, likewise
+  ceiling  trained on the target's own labels (what adaptation cannot beat)
+Target labels are never used for training or for choosing a checkpoint (the source dev set chooses), only for the
+reported accuracy on the target dev set. Every run is a child process (`sftlab train`, `sftlab eval`) into
+OUT/<method>/<source>-<target>; finished runs are reused, so the script resumes where it stopped. Prints a per-pair
+table, the averages and, as the last stdout line, the JSON of every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAINS = ("books", "dvd", "electronics", "kitchen")
+SFTLAB = [sys.executable, "-m", "sftlab"]
+
+
+def data(domain: str, split: str) -> str:
+    return f"reviews/{domain}/{split}.jsonl"
+
+
+def train(out: Path, overrides: list[str]) -> Path:
+    if not (out / "summary.json").is_file():
+        cmd = [*SFTLAB, "train", "-", *overrides, f"output_dir={out}"]
+        if (out / "config.yaml").is_file():
+            cmd.append(f"--resume={out}")
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def target_accuracy(run: Path, target: str) -> float:
+    cache = run / f"target-{target}.json"
+    if not cache.is_file():
+        proc = subprocess.run([*SFTLAB, "eval", str(run), "--data", data(target, "dev")], cwd=REPO, check=True,
+                              capture_output=True, text=True)
+        cache.write_text(proc.stdout.strip().splitlines()[-1])
+    return json.loads(cache.read_text())["accuracy"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", help="comma-separated source:target (default: all 12 product pairs)")
+    ap.add_argument("--methods", default="source,mlm,mmd,dann,ceiling")
+    ap.add_argument("--far", action="store_true", help="also each product domain -> airline")
+    ap.add_argument("--out", default="runs/da")
+    ap.add_argument("overrides", nargs="*", help="key=value for every classification run, e.g. train.epochs=3")
+    args = ap.parse_args()
+    if not os.environ.get("SFTLAB_DATA_DIR"):
+        sys.exit("set SFTLAB_DATA_DIR to the folder holding reviews/ (e.g. ../shared/data)")
+    pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs
+             else list(itertools.permutations(DOMAINS, 2)))
+    if args.far:
+        pairs += [(s, "airline") for s in DOMAINS]
+    methods, out = args.methods.split(","), Path(args.out)
+    base = ["model.name=minilm-l6", "task=classification", "data.text=text", "data.label=label",
+            "data.max_length=256", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5", "train.eval_every=50",
+            "train.seed=0", "train.progress=false", *args.overrides]
+    table: dict[str, dict[str, float]] = {}
+    for src, tgt in pairs:
+        key, row = f"{src}->{tgt}", {}
+        source = base + [f"data.train={data(src, 'train')}", f"data.dev={data(src, 'dev')}"]
+        for m in methods:
+            print(f"{key}: {m}", file=sys.stderr, flush=True)
+            if m == "source":
+                run = train(out / m / f"{src}-{tgt}", source)
+            elif m == "mlm":
+                mlm = train(out / "mlm-pretrain" / tgt, [
+                    "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
+                    f"data.dev={data(tgt, 'dev')}", "data.text=text", "data.max_length=256", "train.epochs=3",
+                    "train.batch_size=32", "train.lr=5e-5", "train.warmup_ratio=0.06", "train.seed=0"])
+                run = train(out / m / f"{src}-{tgt}", source + [f"model.name={mlm / 'best'}"])
+            elif m in ("mmd", "dann"):
+                run = train(out / m / f"{src}-{tgt}", source + [f"objective.name={m}",
+                                                                 f"data.unlabelled={data(tgt, 'train')}"])
+            elif m == "ceiling":
+                run = train(out / m / tgt, base + [f"data.train={data(tgt, 'train')}", f"data.dev={data(tgt, 'dev')}"])
+            else:
+                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, ceiling")
+            row[m] = target_accuracy(run, tgt)
+        table[key] = row
+        print(f"{key}: " + "  ".join(f"{m} {v:.4f}" for m, v in row.items()), file=sys.stderr, flush=True)
+
+    print("| pair | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for key, row in table.items():
+        print(f"| {key} | " + " | ".join(f"{row[m]:.4f}" for m in methods) + " |")
+    means = {m: statistics.mean(row[m] for row in table.values()) for m in methods}
+    print("| **mean** | " + " | ".join(f"**{means[m]:.4f}**" for m in methods) + " |")
+    if "source" in methods:
+        print("gain over source-only (points): " + ", ".join(
+            f"{m} {100 * (means[m] - means['source']):+.2f}" for m in methods if m != "source"))
+    print(json.dumps({"pairs": table, "mean": means}))
+
+
+if __name__ == "__main__":
+    main()
