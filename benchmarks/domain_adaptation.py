@@ -1,7 +1,7 @@
 """Domain adaptation on the multi-domain reviews (issue 17): source -> target pairs, target dev accuracy per method.
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/domain_adaptation.py [--pairs books:kitchen,dvd:electronics]
-        [--methods source,mlm,mmd,dann,ceiling] [--far] [--out runs/da] [key=value ...]
+        [--methods source,mlm,mmd,dann,udalm,ceiling] [--far] [--out runs/da] [key=value ...]
 
 Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far` adds each -> airline). Methods:
   source   minilm-l6 fine-tuned on the source's labels (source dev chooses the best checkpoint)
@@ -9,6 +9,7 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
            once per target), then `source` from that start
   mmd      `source` + objective mmd with the target's train text as data.unlabelled
   dann     `source` + objective dann, likewise
+  udalm    `source` + objective udalm (masked LM on the target rows in the same steps), likewise
   ceiling  trained on the target's own labels (what adaptation cannot beat)
 Target labels are never used for training or for choosing a checkpoint (the source dev set chooses), only for the
 reported accuracy on the target dev set. Every run is a child process (`sftlab train`, `sftlab eval`) into
@@ -56,7 +57,7 @@ def target_accuracy(run: Path, target: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", help="comma-separated source:target (default: all 12 product pairs)")
-    ap.add_argument("--methods", default="source,mlm,mmd,dann,ceiling")
+    ap.add_argument("--methods", default="source,mlm,mmd,dann,udalm,ceiling")
     ap.add_argument("--far", action="store_true", help="also each product domain -> airline")
     ap.add_argument("--out", default="runs/da")
     ap.add_argument("overrides", nargs="*", help="key=value for every classification run, e.g. train.epochs=3")
@@ -85,13 +86,13 @@ def main() -> None:
                     f"data.dev={data(tgt, 'dev')}", "data.text=text", "data.max_length=256", "train.epochs=3",
                     "train.batch_size=32", "train.lr=5e-5", "train.warmup_ratio=0.06", "train.seed=0"])
                 run = train(out / m / f"{src}-{tgt}", source + [f"model.name={mlm / 'best'}"])
-            elif m in ("mmd", "dann"):
+            elif m in ("mmd", "dann", "udalm"):
                 run = train(out / m / f"{src}-{tgt}", source + [f"objective.name={m}",
                                                                  f"data.unlabelled={data(tgt, 'train')}"])
             elif m == "ceiling":
                 run = train(out / m / tgt, base + [f"data.train={data(tgt, 'train')}", f"data.dev={data(tgt, 'dev')}"])
             else:
-                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, ceiling")
+                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling")
             row[m] = target_accuracy(run, tgt)
         table[key] = row
         print(f"{key}: " + "  ".join(f"{m} {v:.4f}" for m, v in row.items()), file=sys.stderr, flush=True)

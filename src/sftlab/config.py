@@ -39,7 +39,7 @@ class ModelConfig(_Section):
     SST-2 benchmark (docs/performance.md)."""
 
 
-UNLABELLED_OBJECTIVES = ("distill", "mmd", "dann")  # objectives that read data.unlabelled
+UNLABELLED_OBJECTIVES = ("distill", "mmd", "dann", "udalm")  # objectives that read data.unlabelled
 
 
 class DataConfig(_Section):
@@ -380,7 +380,7 @@ class RunConfig(_Section):
             # Decoders: a prompt without a completion has no loss positions for token-level KD; learning from
             # teacher-written completions is sequence-level KD / self-training (pseudo-labels), not this stream.
             raise ValueError("data.unlabelled: a second stream of text for objective distill (soft targets) or "
-                             "mmd / dann (the target domain) on task classification or regression; remove it "
+                             "mmd / dann / udalm (the target domain) on task classification or regression; remove it "
                              "otherwise")
         if self.data.format == "text" and (self.task != "causal_lm" or self.data.prompt is not None):
             raise ValueError("data.format: text (raw text, loss on every token) is for task causal_lm without "

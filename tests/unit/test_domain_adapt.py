@@ -1,4 +1,4 @@
-"""Domain adaptation objectives (objectives/mmd.py, dann.py) as equations: MMD's properties, gradient reversal,
+"""Domain adaptation objectives (objectives/mmd.py, dann.py, udalm.py) as equations: MMD's properties, gradient reversal,
 weight 0 == plain SFT bit for bit, resume == uninterrupted with both streams, and the bad inputs."""
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_gradient_reversal_flips_exactly_the_domain_gradient_into_the_encoder(ti
         assert torch.equal(a, b)  # the domain classifier itself learns at full strength
 
 
-@pytest.mark.parametrize("name", ["mmd", "dann"])
+@pytest.mark.parametrize("name", ["mmd", "dann", "udalm"])
 def test_weight_zero_is_plain_sft_bit_for_bit(tiny_overrides, target_file, tmp_path, name):
     import sftlab
 
@@ -71,7 +71,7 @@ def test_weight_zero_is_plain_sft_bit_for_bit(tiny_overrides, target_file, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["mmd", "dann"])
+@pytest.mark.parametrize("name", ["mmd", "dann", "udalm"])
 def test_resume_with_both_streams_equals_uninterrupted_and_logs_parts(tiny_overrides, target_file, tmp_path,
                                                                      monkeypatch, name):
     import json
@@ -91,7 +91,7 @@ def test_resume_with_both_streams_equals_uninterrupted_and_logs_parts(tiny_overr
     a, b = _weights(full), _weights(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    part = {"mmd": "loss/mmd", "dann": "loss/domain"}[name]
+    part = {"mmd": "loss/mmd", "dann": "loss/domain", "udalm": "loss/mlm"}[name]
     assert any(part in r and r[part] > 0 and "loss/task" in r for r in logged)
 
 
@@ -163,3 +163,42 @@ def test_dann_trains_on_two_processes(tiny_overrides, target_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     assert "domain_classifier.0.weight" in load_file(str(ckpt / "extras.safetensors"))
+
+
+def test_udalm_masks_only_target_rows_and_its_mlm_term_is_the_mean_of_row_means(tiny_overrides, target_file):
+    """One micro-batch by hand: source rows reach the model unmasked, target rows masked as masked_lm masks them,
+    and loss/mlm equals the mean over target rows of each row's mean cross-entropy per masked token."""
+    import sftlab
+    from sftlab.data.prepare import prepare
+    from sftlab.models import load_model, load_tokenizer
+    from sftlab.objectives.udalm import UDALM
+    from sftlab.tasks import task_spec
+    from sftlab.tasks.masked_lm import draw
+
+    cfg = sftlab.load_config(None, tiny_overrides + ["objective.name=udalm", f"data.unlabelled={target_file}"])
+    tok = load_tokenizer(cfg.model.name)
+    data = prepare(cfg, tok)
+    from sftlab.data.batches import join
+
+    joined = join(data.encoded["train"], data.encoded["unlabelled"])
+    spec = task_spec("classification")
+    model = load_model(cfg.model.name, "classification", data.labels.names)
+    obj = UDALM(cfg, data, spec.loss, tok)
+    obj.on_step(3, 10)
+    rows = [0, 1, 2, 64, 65, 66]
+    batch = spec.collate(joined, rows, tok.pad_token_id)
+    seen = {}
+    handle = model.register_forward_pre_hook(lambda m, a, k: seen.update(ids=k["input_ids"].clone()), with_kwargs=True)
+    out = obj(model, batch, rows, {"train": 3, "unlabelled": 3})
+    handle.remove()
+    assert torch.equal(seen["ids"][:3], batch["input_ids"][:3])
+    per_row = []
+    for r, row in enumerate(rows[3:], start=3):
+        pos, shown, orig = draw(obj.target, row - 64, 3)
+        assert torch.equal(seen["ids"][r, torch.from_numpy(pos)], torch.from_numpy(shown))
+        with torch.no_grad():
+            h = model(input_ids=seen["ids"][r:r + 1], attention_mask=batch["attention_mask"][r:r + 1],
+                      output_hidden_states=True).hidden_states[-1][0, torch.from_numpy(pos)]
+            logits = obj.head(h, model.get_input_embeddings().weight)
+        per_row.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(orig)))
+    torch.testing.assert_close(out.parts["mlm"], torch.stack(per_row).sum(), rtol=1e-4, atol=1e-5)

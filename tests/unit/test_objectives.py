@@ -22,6 +22,7 @@ MATRIX = {
     "distill": (["objective.teacher={teacher}", "objective.alpha=0", "objective.temperature=1"], {"hard", "soft"}),
     "mmd": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
     "dann": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
+    "udalm": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
 }
 
 
