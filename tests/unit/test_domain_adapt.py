@@ -145,9 +145,10 @@ def test_bad_inputs_one_line(tiny_overrides, target_file, tmp_path, toy_data):
         run("objective.name=mmd", f"data.unlabelled={empty}", f"output_dir={tmp_path / 'e'}")
 
 
-def test_dann_trains_on_two_processes(tiny_overrides, target_file, tmp_path):
-    """Not equal to one process (per-micro-batch statistics, domain.py), but it runs: the domain classifier's
-    gradients are averaged by hand outside DDP, and every process keeps the same extras."""
+@pytest.mark.parametrize("name,extra", [("dann", "domain_classifier.0.weight"), ("udalm", "mlm_head.bias")])
+def test_trains_on_two_processes(tiny_overrides, target_file, tmp_path, name, extra):
+    """Not equal to one process (per-micro-batch statistics, domain.py), but it runs: the extras' gradients are
+    averaged by hand outside DDP (UDALM's head also reads the DDP model's word embeddings)."""
     import os
     import subprocess
     import sys
@@ -157,12 +158,12 @@ def test_dann_trains_on_two_processes(tiny_overrides, target_file, tmp_path):
     common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + ["train.epochs=1"]
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, *LAUNCHERS["torchrun"](free_port()), "train", "-", *common,
-                           "train.batch_size=4", "objective.name=dann", f"data.unlabelled={target_file}",
+                           "train.batch_size=4", f"objective.name={name}", f"data.unlabelled={target_file}",
                            f"output_dir={out}"], env=dict(os.environ, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert "domain_classifier.0.weight" in load_file(str(ckpt / "extras.safetensors"))
+    assert extra in load_file(str(ckpt / "extras.safetensors"))
 
 
 def test_udalm_masks_only_target_rows_and_its_mlm_term_is_the_mean_of_row_means(tiny_overrides, target_file):
