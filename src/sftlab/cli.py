@@ -87,8 +87,9 @@ def _is_causal(target: str) -> bool:
     return (md.path / "config.json").is_file() or not md.path.exists()
 
 
-def _refuse_masked_lm(target: str, verb: str) -> None:
-    """A masked LM run is a starting point for other runs, not a predictor: one line instead of a head mismatch."""
+def _refuse_starting_point(target: str, verb: str) -> None:
+    """A masked-LM or embedding run is a starting point for other runs, not a predictor: one line instead of a
+    head mismatch."""
     from .artifacts import ModelDir
     from .errors import RunDirError
 
@@ -97,17 +98,18 @@ def _refuse_masked_lm(target: str, verb: str) -> None:
         task = md.task if md.trained else None
     except Exception:  # noqa: BLE001  (not a run: the verb itself reports it)
         return
-    if task == "masked_lm":
-        raise RunDirError(f"{target}: a masked_lm run is a starting point, not a model to {verb}; train on it with "
-                         f"model.name={target} (classification, regression, distillation), or score it with "
-                         "`sftlab eval RUN --data TEXT_FILE` (perplexity)")
+    if task in ("masked_lm", "embedding"):
+        what = "a text file (perplexity)" if task == "masked_lm" else "a scored pair file (STS Spearman)"
+        raise RunDirError(f"{target}: a {task} run is a starting point, not a model to {verb}; train on it with "
+                          f"model.name={target} (classification, regression, distillation), or score it with "
+                          f"`sftlab eval RUN --data FILE` on {what}")
 
 
 def cmd_eval(args) -> None:
     from .eval.evaluate import evaluate_file
 
     if args.baselines:
-        _refuse_masked_lm(args.run, "compare with baselines")
+        _refuse_starting_point(args.run, "compare with baselines")
         from .eval.baselines import run_baselines
 
         labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
@@ -164,7 +166,7 @@ def cmd_predict(args) -> None:
     from .eval.evaluate import predict_file
     from .artifacts import read_export_meta
 
-    _refuse_masked_lm(args.run, "predict with")
+    _refuse_starting_point(args.run, "predict with")
     if read_export_meta(args.run) is not None:  # an `sftlab export` folder of any format
         from .export.predict import predict_rows
 
@@ -198,7 +200,7 @@ def cmd_predict(args) -> None:
 def cmd_export(args) -> None:
     from .export import export, format_report
 
-    _refuse_masked_lm(args.run, "export")
+    _refuse_starting_point(args.run, "export")
     report = export(args.run, args.format, args.out, data=args.data, overwrite=args.overwrite, threads=args.threads)
     print(format_report(report), file=sys.stderr)
     print(report["out"])
@@ -263,7 +265,7 @@ def cmd_serve(args) -> None:
                              max_body_bytes=args.max_body_bytes, threads=args.threads, precision=args.precision,
                              max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
                              header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s)
-    _refuse_masked_lm(args.dir, "serve")
+    _refuse_starting_point(args.dir, "serve")
     serve(args.dir, settings)
 
 

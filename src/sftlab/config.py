@@ -113,6 +113,9 @@ class DataConfig(_Section):
     """causal_lm from labelled columns: raw label -> word, e.g. {"0": negative, "1": positive}."""
     packing: bool = False
     """causal_lm: pack several examples into each max_length row (attention never crosses examples)."""
+    dev_columns: dict[str, str | int] | None = None
+    """Columns of the dev/test files where they differ from train's: keys text, text_pair, label (e.g. task
+    embedding trained on raw text, judged on STS-B: {text: sentence1, text_pair: sentence2, label: score})."""
     mlm_probability: float = 0.15
     """masked_lm: fraction of non-special tokens chosen per epoch (80% masked, 10% random, 10% kept)."""
     whole_word_mask: bool = False
@@ -124,6 +127,9 @@ class DataConfig(_Section):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ValueError(f"data.{key} must be >= 1 (or null for all rows), got {v}")
+        if self.dev_columns is not None and not set(self.dev_columns) <= {"text", "text_pair", "label"}:
+            bad = sorted(set(self.dev_columns) - {"text", "text_pair", "label"})
+            raise ValueError(f"data.dev_columns: unknown key(s) {bad}; use text, text_pair and label")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"data.mlm_probability must be in (0, 1) (0.15 is BERT's), got {self.mlm_probability}")
         if self.max_length < 8:
@@ -325,7 +331,7 @@ class ObjectiveConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     """The pretrained model to fine-tune."""
-    task: Literal["classification", "regression", "causal_lm", "masked_lm"] = "classification"
+    task: Literal["classification", "regression", "causal_lm", "masked_lm", "embedding"] = "classification"
     """classification (single sentence or pair), regression (one real target, e.g. STS-B), or causal_lm
     (instruction/chat tuning of a decoder)."""
     data: DataConfig = DataConfig()
@@ -385,11 +391,13 @@ class RunConfig(_Section):
         if self.data.format == "text" and (self.task != "causal_lm" or self.data.prompt is not None):
             raise ValueError("data.format: text (raw text, loss on every token) is for task causal_lm without "
                              "data.prompt; encoders read raw text with task masked_lm")
-        if self.task == "masked_lm" and self.strategy.name in ("lora", "dora", "prompt_tuning", "prefix_tuning",
-                                                                "adapter"):
+        if self.task == "embedding" and self.objective.name != "simcse":
+            raise ValueError("task embedding learns from raw text with objective.name=simcse; set it")
+        if self.task in ("masked_lm", "embedding") and self.strategy.name in ("lora", "dora", "prompt_tuning",
+                                                                              "prefix_tuning", "adapter"):
             # Its best/ is a starting point (model.name: RUN_DIR/best), which must be a whole model: an adapter
             # folder would need its base and its (untrained-by-default) MLM head to mean anything.
-            raise ValueError(f"strategy.name: {self.strategy.name} saves an adapter, but task masked_lm saves a whole "
+            raise ValueError(f"strategy.name: {self.strategy.name} saves an adapter, but task {self.task} saves a whole "
                              "model for later runs to start from; use full, bitfit, top_k_layers, ffn_only or llrd")
         if self.task == "masked_lm" and self.objective.name != "sft":
             raise ValueError(f"objective.name: {self.objective.name} needs a labelled task; task masked_lm trains "

@@ -25,7 +25,7 @@ class Prepared:
             return self.lm_report
         out = {}
         for name, split in self.splits.items():
-            enc = self.encoded[name]
+            enc = getattr(self.encoded[name], "a", self.encoded[name])  # embedding's dev pairs: first texts
             lengths = np.array(enc.raw_lengths or enc.lengths)  # before truncation: what max_length is needed
             info = {
                 "source": split.source,
@@ -35,7 +35,7 @@ class Prepared:
                 "capped": enc.capped,
                 "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
             }
-            if name == "unlabelled" or task == "masked_lm":
+            if name == "unlabelled" or task in ("masked_lm", "embedding"):
                 pass
             elif task == "classification":
                 counts = Counter(self.labels.names[e.label] for e in split.examples)
@@ -55,6 +55,10 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
         from .text import prepare_masked
 
         return prepare_masked(cfg, tokenizer, splits)
+    if cfg.task == "embedding":
+        from .text import prepare_embedding
+
+        return prepare_embedding(cfg, tokenizer, splits)
     d = cfg.data
     limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
     out = Prepared(labels=None)
@@ -62,7 +66,8 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
         path = getattr(d, name)
         if path is None:
             continue
-        split, out.labels = load_split(d, path, cfg.task, out.labels, limit=limits[name])
+        cols = d.model_copy(update=d.dev_columns) if d.dev_columns and name != "train" else d
+        split, out.labels = load_split(cols, path, cfg.task, out.labels, limit=limits[name])
         out.splits[name] = split
         out.encoded[name] = encode(tokenizer, split.examples, d.max_length)
     if d.unlabelled is not None and "train" in splits:  # labels ignored: the teacher provides the targets

@@ -48,7 +48,8 @@ def prepare_masked(cfg, tokenizer, splits):
         path = getattr(d, name)
         if path is None:
             continue
-        split = load_text(d, path, limit=limits[name])
+        cols = d.model_copy(update=d.dev_columns) if d.dev_columns and name != "train" else d
+        split = load_text(cols, path, limit=limits[name])
         enc = encode(tokenizer, split.examples, d.max_length)
         out.splits[name] = split
         out.encoded[name] = MaskedEncoded(
@@ -97,3 +98,39 @@ def encode_lm_text(tokenizer, split: Split, max_length: int):
     enc: LMEncoded = build(ids, [[1] * len(x) for x in ids], {})
     enc.examples = len(split.examples)
     return enc
+
+
+def prepare_embedding(cfg, tokenizer, splits):
+    """Train: raw text (load_text). Dev / test: sentence pairs with a gold score (data.dev_columns names them)."""
+    from .prepare import Prepared
+
+    d = cfg.data
+    out = Prepared(labels=None)
+    limits = {"train": d.limit_train, "dev": d.limit_dev, "test": None}
+    for name in splits:
+        path = getattr(d, name)
+        if path is None:
+            continue
+        if name == "train":
+            split = load_text(d, path, limit=limits[name])
+            out.splits[name], out.encoded[name] = split, encode(tokenizer, split.examples, d.max_length)
+            continue
+        out.encoded[name] = scored_pairs(d.model_copy(update=d.dev_columns or {}), path, tokenizer, limit=limits[name])
+        out.splits[name] = out.encoded[name].split
+    return out
+
+
+def scored_pairs(cols, path: str, tokenizer, *, limit: int | None = None):
+    """A pair file (text, text_pair, numeric label) as ScoredPairs for task embedding's evaluation."""
+    from ..tasks.embedding import ScoredPairs
+
+    if cols.text_pair is None:
+        raise ConfigError(f"{path}: task embedding is judged on sentence pairs with a similarity score; name the "
+                          "dev file's columns, e.g. data.dev_columns={text: sentence1, text_pair: sentence2, "
+                          "label: score}")
+    split, _ = load_split(cols, path, "regression", None, limit=limit)
+    a = encode(tokenizer, [Example(e.text, None, None, e.line) for e in split.examples], cols.max_length)
+    b = encode(tokenizer, [Example(e.text_pair, None, None, e.line) for e in split.examples], cols.max_length)
+    pairs = ScoredPairs(a, b, [e.label for e in split.examples])
+    pairs.split = split
+    return pairs

@@ -132,6 +132,19 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
     dcfg = _data_config(Path(run), columns or {})
     if meta["task"] == "masked_lm":
         return _masked_scores(run, model, tokenizer, meta, dcfg, data, batch_size=batch_size, bf16=bf16, limit=limit)
+    if meta["task"] == "embedding":  # STS: Spearman of cosines on a scored pair file (the run's dev_columns)
+        import yaml
+
+        from ..data.text import scored_pairs
+        from ..tasks import task_spec
+
+        cfg_file = Path(run_dir_of(run) or run) / "config.yaml"
+        saved = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}) if cfg_file.is_file() else {}
+        cols = dcfg.model_copy(update={**(saved.get("dev_columns") or {}),
+                                       **{k: v for k, v in (columns or {}).items() if v is not None}})
+        pairs = scored_pairs(cols.model_copy(update={"max_length": meta["max_length"]}), data, tokenizer, limit=limit)
+        return task_spec("embedding").evaluate(model, pairs, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
+                                               device=model.device, bf16=bf16)
     labels = LabelMap(meta["labels"]) if meta["labels"] else None
     split, _ = load_split(dcfg, data, meta["task"], labels, limit=limit)
     enc = encode(tokenizer, split.examples, meta["max_length"])

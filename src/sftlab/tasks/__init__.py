@@ -3,7 +3,7 @@
 The task is decided once, here (shared/design/fusion-architecture.md W1): the loop, evaluation, model loading,
 export and serving ask `task_spec(cfg.task)` for the model class and head, the collate function, the loss units per
 row, the loss, the evaluation and the metrics (with their direction) instead of branching on the task string.
-Registered: classification and regression (sequence.py), causal_lm (causal_lm.py), masked_lm (masked_lm.py). A new task is one file with one
+Registered: classification and regression (sequence.py), causal_lm (causal_lm.py), masked_lm (masked_lm.py), embedding (embedding.py). A new task is one file with one
 `tasks.register` line (docs/contributing.md).
 """
 from __future__ import annotations
@@ -57,6 +57,6 @@ class TaskSpec:
 
 
 def task_spec(name: str) -> TaskSpec:
-    from . import causal_lm, masked_lm, sequence  # noqa: F401  (registers the tasks)
+    from . import causal_lm, embedding, masked_lm, sequence  # noqa: F401  (registers the tasks)
 
     return tasks.get(name)
