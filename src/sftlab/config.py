@@ -385,9 +385,9 @@ class RunConfig(_Section):
                                                  or self.task not in ("classification", "regression")):
             # Decoders: a prompt without a completion has no loss positions for token-level KD; learning from
             # teacher-written completions is sequence-level KD / self-training (pseudo-labels), not this stream.
-            raise ValueError("data.unlabelled: a second stream of text for objective distill (soft targets) or "
-                             "mmd / dann / udalm (the target domain) on task classification or regression; remove it "
-                             "otherwise")
+            raise ValueError("data.unlabelled: a second stream of text, read by objective.name=distill (soft "
+                             "targets) or mmd / dann / udalm (the target domain) on task classification or "
+                             "regression; set one of them, or remove data.unlabelled")
         if self.data.format == "text" and (self.task != "causal_lm" or self.data.prompt is not None):
             raise ValueError("data.format: text (raw text, loss on every token) is for task causal_lm without "
                              "data.prompt; encoders read raw text with task masked_lm")
