@@ -84,7 +84,8 @@ def main() -> None:
                 mlm = train(out / "mlm-pretrain" / tgt, [
                     "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
                     f"data.dev={data(tgt, 'dev')}", "data.text=text", "data.max_length=256", "train.epochs=3",
-                    "train.batch_size=32", "train.lr=5e-5", "train.warmup_ratio=0.06", "train.seed=0"])
+                    "train.batch_size=32", "train.lr=2e-4", "train.warmup_ratio=0.06", "train.seed=0",
+                    "train.progress=false"])
                 run = train(out / m / f"{src}-{tgt}", source + [f"model.name={mlm / 'best'}"])
             elif m in ("mmd", "dann", "udalm"):
                 run = train(out / m / f"{src}-{tgt}", source + [f"objective.name={m}",

@@ -96,25 +96,21 @@ def test_loss_only_at_chosen_positions_and_units_equal_chosen_tokens(tiny_model_
     assert step_units(data, list(range(12)), 1) == int(keep.sum())
 
 
-def test_new_head_starts_as_the_unigram_model_and_pooler_kept(tiny_model_dir):
+def test_new_head_starts_from_the_unigram_model_and_pooler_kept(tiny_model_dir):
     from safetensors import safe_open
 
     from sftlab.models import load_model
-    from sftlab.tasks.masked_lm import collate, masked_lm_loss
 
     data, tok = _encoded(40)
     model = load_model(str(tiny_model_dir), "masked_lm", None, train_data=data)
-    dense = model.cls.predictions.transform.dense
+    head = model.cls.predictions
+    dense = head.transform.dense
     assert torch.equal(dense.weight, torch.eye(dense.weight.shape[0])) and not dense.bias.any()
-    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert torch.equal(head.transform.LayerNorm.weight, torch.ones(32)) and not head.transform.LayerNorm.bias.any()
+    assert head.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
     counts = torch.bincount(torch.tensor([t for row in data.input_ids for t in row]), minlength=len(tok))
     prior = torch.log((counts + 1) / (counts.sum() + len(tok))).float()
-    batch = collate(data, list(range(8)), tok.pad_token_id)
-    loss, logits = masked_lm_loss(model, batch)
-    torch.testing.assert_close(logits, prior.expand_as(logits))  # the head outputs its bias alone
-    loss.backward()  # ... so the encoder gets no gradient until the head has learnt some
-    assert not model.bert.encoder.layer[0].attention.self.query.weight.grad.any()
-    assert model.cls.predictions.transform.LayerNorm.weight.grad.any()
+    torch.testing.assert_close(head.bias.data, prior)
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
         assert torch.equal(model.bert.pooler.dense.weight, f.get_tensor("pooler.dense.weight"))
 
@@ -131,7 +127,7 @@ def test_train_split_invariant_and_best_starts_a_classifier(mlm_overrides, tmp_p
     wa, wb = (load_file(str(r / "best" / "model.safetensors")) for r in runs)
     assert wa.keys() == wb.keys() and "bert.pooler.dense.weight" in wa
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=5e-5)  # fp reassociation only
     import json
 
     lines = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]

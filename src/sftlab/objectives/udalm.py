@@ -6,7 +6,7 @@ Language Modeling", NAACL):
 
 The target rows of each micro-batch are masked as `task: masked_lm` masks (15%, 80/10/10, tasks/masked_lm.py), as a
 pure function of (seed, step, row), so resume is exact. The MLM head is a trainable extra (dense + GELU + LayerNorm
-and an output bias; the decoder is the model's own word embeddings, tied as in BERT), starting as the unigram model
+and an output bias; the decoder is the model's own word embeddings, tied as in BERT), starting from the unigram model
 of the target text (masked_lm.after_load: why). The masked-LM term is the mean over the step's target rows of each
 row's mean loss per masked token. Pitfall (UDALM section 3): running MLM first and then fine-tuning alone lets the
 task forget the target domain; mixing keeps both, and the paper weights them equally (weight 1).
@@ -51,10 +51,9 @@ class MLMHead(torch.nn.Module):
         super().__init__()
         self.dense, self.norm = torch.nn.Linear(width, width), torch.nn.LayerNorm(width)
         self.bias = torch.nn.Parameter(prior.clone())
-        with torch.no_grad():  # the unigram start: outputs the bias alone (masked_lm.after_load)
+        with torch.no_grad():  # identity transform, unigram bias: masked_lm.after_load's start (why: there)
             self.dense.weight.copy_(torch.eye(width))
             self.dense.bias.zero_()
-            self.norm.weight.zero_()
 
     def forward(self, hidden, embeddings):
         return F.linear(self.norm(F.gelu(self.dense(hidden))), embeddings, self.bias)
