@@ -1,7 +1,8 @@
 """Domain adaptation on the multi-domain reviews (issue 17): source -> target pairs, target dev accuracy per method.
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/domain_adaptation.py [--pairs books:kitchen,dvd:electronics]
-        [--methods source,mlm,mmd,dann,udalm,ceiling] [--far] [--out runs/da] [key=value ...]
+        [--methods source,mlm,mmd,dann,udalm,ceiling] [--far] [--out runs/da] [--max-length 256]
+        [key=value ...]
 
 Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far` adds each -> airline). Methods:
   source   minilm-l6 fine-tuned on the source's labels (source dev chooses the best checkpoint)
@@ -13,7 +14,8 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
   ceiling  trained on the target's own labels (what adaptation cannot beat)
 Target labels are never used for training or for choosing a checkpoint (the source dev set chooses), only for the
 reported accuracy on the target dev set. Every run is a child process (`sftlab train`, `sftlab eval`) into
-OUT/<method>/<source>-<target>; finished runs are reused, so the script resumes where it stopped. Prints a per-pair
+OUT/<method>/<source>-<target> (source-only runs into OUT/source/<source>, shared by every target and by the ceiling
+of that domain); finished runs are reused, so the script resumes where it stopped. Prints a per-pair
 table, the averages and, as the last stdout line, the JSON of every figure.
 """
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--methods", default="source,mlm,mmd,dann,udalm,ceiling")
     ap.add_argument("--far", action="store_true", help="also each product domain -> airline")
     ap.add_argument("--out", default="runs/da")
+    ap.add_argument("--max-length", type=int, default=256, help="data.max_length of every run (MLM start included)")
     ap.add_argument("overrides", nargs="*", help="key=value for every classification run, e.g. train.epochs=3")
     args = ap.parse_args()
     if not os.environ.get("SFTLAB_DATA_DIR"):
@@ -70,7 +73,7 @@ def main() -> None:
         pairs += [(s, "airline") for s in DOMAINS]
     methods, out = args.methods.split(","), Path(args.out)
     base = ["model.name=minilm-l6", "task=classification", "data.text=text", "data.label=label",
-            "data.max_length=256", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5", "train.eval_every=50",
+            f"data.max_length={args.max_length}", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5", "train.eval_every=50",
             "train.seed=0", "train.progress=false", *args.overrides]
     table: dict[str, dict[str, float]] = {}
     for src, tgt in pairs:
@@ -78,20 +81,21 @@ def main() -> None:
         source = base + [f"data.train={data(src, 'train')}", f"data.dev={data(src, 'dev')}"]
         for m in methods:
             print(f"{key}: {m}", file=sys.stderr, flush=True)
-            if m == "source":
-                run = train(out / m / f"{src}-{tgt}", source)
+            if m == "source":   # one run per source domain, scored on every target
+                run = train(out / "source" / src, source)
             elif m == "mlm":
                 mlm = train(out / "mlm-pretrain" / tgt, [
                     "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
-                    f"data.dev={data(tgt, 'dev')}", "data.text=text", "data.max_length=256", "train.epochs=3",
+                    f"data.dev={data(tgt, 'dev')}", "data.text=text", f"data.max_length={args.max_length}", "train.epochs=3",
                     "train.batch_size=32", "train.lr=2e-4", "train.warmup_ratio=0.06", "train.seed=0",
                     "train.progress=false"])
                 run = train(out / m / f"{src}-{tgt}", source + [f"model.name={mlm / 'best'}"])
             elif m in ("mmd", "dann", "udalm"):
                 run = train(out / m / f"{src}-{tgt}", source + [f"objective.name={m}",
                                                                  f"data.unlabelled={data(tgt, 'train')}"])
-            elif m == "ceiling":
-                run = train(out / m / tgt, base + [f"data.train={data(tgt, 'train')}", f"data.dev={data(tgt, 'dev')}"])
+            elif m == "ceiling":  # the target's own source-only run: same settings, the target's labels
+                run = train(out / "source" / tgt, base + [f"data.train={data(tgt, 'train')}",
+                                                          f"data.dev={data(tgt, 'dev')}"])
             else:
                 sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling")
             row[m] = target_accuracy(run, tgt)
