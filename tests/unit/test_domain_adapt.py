@@ -59,6 +59,24 @@ def test_gradient_reversal_flips_exactly_the_domain_gradient_into_the_encoder(ti
         assert torch.equal(a, b)  # the domain classifier itself learns at full strength
 
 
+def test_mmd_weight_ramps_as_dann_reversal_and_ramp_false_is_constant():
+    from types import SimpleNamespace
+
+    from sftlab.objectives.mmd import MMD, MMDConfig
+
+    data = SimpleNamespace(splits={"train": SimpleNamespace(examples=[0] * 4)})
+    ramped = MMD(SimpleNamespace(objective=MMDConfig(weight=0.5)), data, None, None)
+    flat = MMD(SimpleNamespace(objective=MMDConfig(weight=0.5, ramp=False)), data, None, None)
+    seen = []
+    for step in (0, 10, 50, 100):
+        ramped.on_step(step, 100)
+        flat.on_step(step, 100)
+        seen.append(ramped.coefficient)
+        assert flat.coefficient == 1.0
+    assert seen[0] == 0.0 and seen == sorted(seen) and seen[-1] > 0.999
+    assert abs(seen[1] - (2 / (1 + torch.e ** -1) - 1)) < 1e-12
+
+
 @pytest.mark.parametrize("name", ["mmd", "dann", "udalm"])
 def test_weight_zero_is_plain_sft_bit_for_bit(tiny_overrides, target_file, tmp_path, name):
     import sftlab

@@ -75,13 +75,15 @@ def streams(rows: list[int], n_labelled: int, device) -> torch.Tensor:
 def mmd2(x: torch.Tensor, y: torch.Tensor, multipliers=(0.25, 0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
     """Squared maximum mean discrepancy between samples x [n, d] and y [m, d] (n != m allowed) under a sum of
     Gaussian kernels (DAN, Long et al. 2015, "Learning Transferable Features with Deep Adaptation Networks"):
-    bandwidths are the joint sample's mean pairwise squared distance (detached) times `multipliers`. The biased
+    bandwidths are the joint sample's mean pairwise squared distance times `multipliers`, with its gradient (so the
+    kernels, hence MMD, are invariant to a common scale of the features: a detached bandwidth made every gradient
+    say "shrink all features", which collapsed the classifier's input on the reviews). The biased
     V-statistic: >= 0, symmetric, 0 for identical samples (the unbiased one can go negative on small batches)."""
     z = torch.cat([x, y]).float()
     sq = (z * z).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)
     n, total = len(x), len(z)
-    bandwidth = (d2.detach().sum() / max(total * total - total, 1)).clamp_min(1e-12)
+    bandwidth = (d2.sum() / max(total * total - total, 1)).clamp_min(1e-12)
     k = sum(torch.exp(-d2 / (bandwidth * m)) for m in multipliers)
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
 
