@@ -70,7 +70,8 @@ def main() -> None:
                   file=sys.stderr)
     med = {side: {key: statistics.median(r[key] for r in rows if r["side"] == side) for key in ("ex_s", "peak_mb")}
            for side in ("sft", "distill")}
-    print(f"| side | examples/s (runs) | peak RSS MB | dev {'loss' if args.decoder else 'accuracy'} |\n|---|---|---:|---:|")
+    metric = "loss" if args.decoder else "accuracy"
+    print(f"| side | examples/s (runs) | peak RSS MB | dev {metric} |\n|---|---|---:|---:|")
     for side in ("sft", "distill"):
         runs = ", ".join(f"{r['ex_s']:.1f}" for r in rows if r["side"] == side)
         dev = [r["dev"] for r in rows if r["side"] == side][0]

@@ -73,8 +73,8 @@ def main() -> None:
         pairs += [(s, "airline") for s in DOMAINS]
     methods, out = args.methods.split(","), Path(args.out)
     base = ["model.name=minilm-l6", "task=classification", "data.text=text", "data.label=label",
-            f"data.max_length={args.max_length}", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5", "train.eval_every=50",
-            "train.seed=0", "train.progress=false", *args.overrides]
+            f"data.max_length={args.max_length}", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5",
+            "train.eval_every=50", "train.seed=0", "train.progress=false", *args.overrides]
     table: dict[str, dict[str, float]] = {}
     for src, tgt in pairs:
         key, row = f"{src}->{tgt}", {}
@@ -86,8 +86,8 @@ def main() -> None:
             elif m == "mlm":
                 mlm = train(out / "mlm-pretrain" / tgt, [
                     "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
-                    f"data.dev={data(tgt, 'dev')}", "data.text=text", f"data.max_length={args.max_length}", "train.epochs=3",
-                    "train.batch_size=32", "train.lr=2e-4", "train.warmup_ratio=0.06", "train.seed=0",
+                    f"data.dev={data(tgt, 'dev')}", "data.text=text", f"data.max_length={args.max_length}",
+                    "train.epochs=3", "train.batch_size=32", "train.lr=2e-4", "train.warmup_ratio=0.06", "train.seed=0",
                     "train.progress=false"])
                 run = train(out / m / f"{src}-{tgt}", source + [f"model.name={mlm / 'best'}"])
             elif m in ("mmd", "dann", "udalm"):
