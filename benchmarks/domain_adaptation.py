@@ -11,6 +11,7 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
   mmd      `source` + objective mmd with the target's train text as data.unlabelled
   dann     `source` + objective dann, likewise
   udalm    `source` + objective udalm (masked LM on the target rows in the same steps), likewise
+  mlm+X    a combination: the `mlm` start, then objective X (mmd, dann or udalm) as above
   ceiling  trained on the target's own labels (what adaptation cannot beat)
 Target labels are never used for training or for choosing a checkpoint (the source dev set chooses), only for the
 reported accuracy on the target dev set. Every run is a child process (`sftlab train`, `sftlab eval`) into
@@ -83,13 +84,16 @@ def main() -> None:
             print(f"{key}: {m}", file=sys.stderr, flush=True)
             if m == "source":   # one run per source domain, scored on every target
                 run = train(out / "source" / src, source)
-            elif m == "mlm":
+            elif m == "mlm" or m.startswith("mlm+"):
                 mlm = train(out / "mlm-pretrain" / tgt, [
                     "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
                     f"data.dev={data(tgt, 'dev')}", "data.text=text", f"data.max_length={args.max_length}",
-                    "train.epochs=3", "train.batch_size=32", "train.lr=2e-4", "train.warmup_ratio=0.06", "train.seed=0",
-                    "train.progress=false"])
-                run = train(out / m / f"{src}-{tgt}", source + [f"model.name={mlm / 'best'}"])
+                    "train.epochs=3", "train.batch_size=32", "train.lr=2e-4", "train.warmup_ratio=0.06",
+                    "train.seed=0", "train.progress=false"])
+                start = source + [f"model.name={mlm / 'best'}"]
+                if m != "mlm":  # a combination: the target-MLM start, then an adaptation objective
+                    start += [f"objective.name={m[4:]}", f"data.unlabelled={data(tgt, 'train')}"]
+                run = train(out / m / f"{src}-{tgt}", start)
             elif m in ("mmd", "dann", "udalm"):
                 run = train(out / m / f"{src}-{tgt}", source + [f"objective.name={m}",
                                                                  f"data.unlabelled={data(tgt, 'train')}"])
@@ -97,7 +101,7 @@ def main() -> None:
                 run = train(out / "source" / tgt, base + [f"data.train={data(tgt, 'train')}",
                                                           f"data.dev={data(tgt, 'dev')}"])
             else:
-                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling")
+                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling, mlm+X")
             row[m] = target_accuracy(run, tgt)
         table[key] = row
         print(f"{key}: " + "  ".join(f"{m} {v:.4f}" for m, v in row.items()), file=sys.stderr, flush=True)
