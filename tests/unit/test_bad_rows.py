@@ -186,6 +186,18 @@ def test_relative_path_resolves_against_data_dir(tmp_path, monkeypatch):
     assert data_error("missing.jsonl", dir=str(tmp_path)).startswith(f"{tmp_path / 'missing.jsonl'}: file not found")
 
 
+def test_a_path_found_only_under_the_working_directory_is_read_from_there(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "mine.jsonl", make_rows(3))
+    write_jsonl(tmp_path / "data" / "both.jsonl", make_rows(4))
+    write_jsonl(tmp_path / "both.jsonl", make_rows(5))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SFTLAB_DATA_DIR", str(tmp_path / "data"))
+    assert len(load_split(DataConfig(), "mine.jsonl", "classification", None)[0].examples) == 3
+    assert len(load_split(DataConfig(), "both.jsonl", "classification", None)[0].examples) == 4  # data dir first
+    assert data_error("nowhere.jsonl").startswith(f"{tmp_path / 'data' / 'nowhere.jsonl'}: file not found")
+
+
 def test_folder_instead_of_file(tmp_path):
     assert data_error(tmp_path) == (
         f"{tmp_path}: is a folder; point data.* at a file (.csv .tsv .jsonl .json .parquet)"

@@ -36,7 +36,12 @@ def resolve_path(cfg: DataConfig, path: str) -> str:
     if path.startswith("hf:") or Path(path).is_absolute():
         return path
     base = cfg.dir or os.environ.get("SFTLAB_DATA_DIR")
-    return str(Path(base) / path) if base else path
+    if not base:
+        return path
+    joined = Path(base) / path
+    # A path that exists only relative to the working directory (e.g. `eval --data src/sftlab/demo/dev.jsonl` typed
+    # while SFTLAB_DATA_DIR points at a dataset folder) is the file the user meant; otherwise the data dir wins.
+    return path if not joined.exists() and Path(path).exists() else str(joined)
 
 
 def _header(cfg: DataConfig) -> bool:
