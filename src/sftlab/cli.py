@@ -2,6 +2,9 @@
 
 Scripting contract: `train` prints the run directory as its last stdout line; `eval` prints one JSON
 object of metrics as its last stdout line. Everything else (progress, reports) goes to stderr.
+
+Past 500 lines on purpose: one short function per verb, read as one table of the CLI; each verb's work lives
+in its own module.
 """
 from __future__ import annotations
 
