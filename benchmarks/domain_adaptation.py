@@ -16,7 +16,9 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
 Target labels are never used for training or for choosing a checkpoint (the source dev set chooses), only for the
 reported accuracy on the target dev set. Every run is a child process (`sftlab train`, `sftlab eval`) into
 OUT/<method>/<source>-<target> (source-only runs into OUT/source/<source>, shared by every target and by the ceiling
-of that domain); finished runs are reused, so the script resumes where it stopped. Prints a per-pair
+of that domain); finished runs are reused, so the script resumes where it stopped. `--results FILE` also keeps
+every scored figure in a JSON file (keyed by method, pair, max_length and overrides, with the precision the run
+used), so a later session on a fresh machine skips what is already measured even when OUT is gone. Prints a per-pair
 table, the averages and, as the last stdout line, the JSON of every figure.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--far", action="store_true", help="also each product domain -> airline")
     ap.add_argument("--out", default="runs/da")
     ap.add_argument("--max-length", type=int, default=256, help="data.max_length of every run (MLM start included)")
+    ap.add_argument("--results", help="JSON file of scored figures, read and extended (kept across sessions)")
     ap.add_argument("overrides", nargs="*", help="key=value for every classification run, e.g. train.epochs=3")
     args = ap.parse_args()
     if not os.environ.get("SFTLAB_DATA_DIR"):
@@ -77,10 +80,16 @@ def main() -> None:
             f"data.max_length={args.max_length}", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5",
             "train.eval_every=50", "train.seed=0", "train.progress=false", *args.overrides]
     table: dict[str, dict[str, float]] = {}
+    results = Path(args.results) if args.results else None
+    known = json.loads(results.read_text()) if results and results.is_file() else {}
     for src, tgt in pairs:
         key, row = f"{src}->{tgt}", {}
         source = base + [f"data.train={data(src, 'train')}", f"data.dev={data(src, 'dev')}"]
         for m in methods:
+            rkey = f"{m} {key} max_length={args.max_length} {' '.join(args.overrides)}".strip()
+            if rkey in known:
+                row[m] = known[rkey]["accuracy"]
+                continue
             print(f"{key}: {m}", file=sys.stderr, flush=True)
             if m == "source":   # one run per source domain, scored on every target
                 run = train(out / "source" / src, source)
@@ -103,6 +112,10 @@ def main() -> None:
             else:
                 sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling, mlm+X")
             row[m] = target_accuracy(run, tgt)
+            if results:  # written after every figure: a stopped grid loses at most the run in progress
+                precision = json.loads((run / "summary.json").read_text()).get("precision")
+                known[rkey] = {"accuracy": row[m], "precision": precision}
+                results.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
         table[key] = row
         print(f"{key}: " + "  ".join(f"{m} {v:.4f}" for m, v in row.items()), file=sys.stderr, flush=True)
 

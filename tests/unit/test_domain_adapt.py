@@ -221,3 +221,52 @@ def test_udalm_masks_only_target_rows_and_its_mlm_term_is_the_mean_of_row_means(
             logits = obj.head(h, model.get_input_embeddings().weight)
         per_row.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(orig)))
     torch.testing.assert_close(out.parts["mlm"], torch.stack(per_row).sum(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mmd", "dann", "udalm"])
+def test_streams_apart_equal_one_joined_forward(tiny_overrides, target_file, name):
+    """The loop collates source and target rows apart (two forwards, each padded to its own longest row) for speed:
+    loss parts and every gradient equal the one joined forward's, with the first-token last block on (udalm's target
+    forward must take the full block for its hidden states)."""
+    import sftlab
+    from sftlab.data.batches import join
+    from sftlab.data.prepare import prepare
+    from sftlab.models import load_model, load_tokenizer
+    from sftlab.models.first_token import enable_first_token_last_layer
+    from sftlab.registry import training_objectives
+    from sftlab.tasks import task_spec
+
+    cfg = sftlab.load_config(None, tiny_overrides + [f"objective.name={name}", f"data.unlabelled={target_file}"])
+    tok = load_tokenizer(cfg.model.name)
+    data = prepare(cfg, tok)
+    joined = join(data.encoded["train"], data.encoded["unlabelled"])
+    spec = task_spec("classification")
+    model = load_model(cfg.model.name, "classification", data.labels.names)
+    obj = training_objectives.get(name)(cfg, data, spec.loss, tok)
+    obj.on_step(3, 10)
+    n = len(data.encoded["train"])
+    rows = [0, 1, 2, 3, n, n + 1, n + 2]
+    units = {"train": 4, "unlabelled": 3}
+    results = []
+    for apart in (False, True):
+        if apart:
+            assert enable_first_token_last_layer(model)
+            batch = {"train": spec.collate(joined, rows[:4], tok.pad_token_id),
+                     "unlabelled": spec.collate(joined, rows[4:], tok.pad_token_id)}
+        else:
+            batch = spec.collate(joined, rows, tok.pad_token_id)
+        model.zero_grad(set_to_none=True)
+        obj.extras().zero_grad(set_to_none=True)
+        out = obj(model, batch, rows, units)
+        out.total.backward()
+        grads = {k: p.grad.clone() for k, p in [*model.named_parameters(), *obj.extras().named_parameters()]
+                 if p.grad is not None}
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    assert set(a.parts) == set(b.parts) and len(a.parts) == 2
+    for k in a.parts:
+        torch.testing.assert_close(a.parts[k], b.parts[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert ga.keys() == gb.keys()
+    # relative to the whole gradient's norm: summed gradients (the [CLS] embedding) add in another order
+    diff = torch.cat([(ga[k] - gb[k]).flatten() for k in ga]).norm()
+    assert float(diff) <= 1e-4 * float(torch.cat([g.flatten() for g in ga.values()]).norm())

@@ -23,7 +23,7 @@ from pydantic import model_validator
 
 from ..config import ObjectiveConfig
 from ..registry import training_objectives
-from .domain import HeadInput, check_streams, reverse_gradient, streams
+from .domain import check_streams, features, reverse_gradient
 from .sft import LossOut
 
 
@@ -50,6 +50,7 @@ class DANNConfig(ObjectiveConfig):
 @training_objectives.register("dann")
 class DANN:
     Config = DANNConfig
+    streams_apart = True  # the loop collates source and target rows apart (domain.py: why)
 
     def __init__(self, cfg, data, task_loss, tokenizer):
         from transformers import AutoConfig
@@ -92,10 +93,11 @@ class DANN:
         if self.weight == 0:
             task, _ = self.task_loss(model, batch)
             return LossOut(task, {"task": task.detach()})
-        with HeadInput(model) as features:
-            task, _ = self.task_loss(model, batch)
-        domain = streams(rows, self.n_labelled, task.device).float()
-        logits = self.classifier(reverse_gradient(features.value, self.coefficient).float()).squeeze(-1)
+        task, source, target = features(self.task_loss, model, batch, rows, self.n_labelled)
+        both = torch.cat([x for x in (source, target) if x is not None])
+        domain = torch.cat([torch.full((len(x),), float(d), device=both.device)
+                            for d, x in enumerate((source, target)) if x is not None])
+        logits = self.classifier(reverse_gradient(both, self.coefficient).float()).squeeze(-1)
         # mean over the step's rows of both streams, once the loop divides by the labelled units
         bce = F.binary_cross_entropy_with_logits(logits, domain, reduction="sum")
         bce = bce * units["train"] / (units["train"] + units["unlabelled"])

@@ -3,9 +3,12 @@ micro-batch, a multi-kernel MMD and gradient reversal.
 
 Both objectives train on a labelled source stream (`data.train`) and an unlabelled target stream (`data.unlabelled`,
 the target domain's text). The loop puts rows of both streams in every micro-batch in the step's proportion
-(batches.paired_micro_batches) and runs them as one forward: the task loss ignores the target rows (their label is
-the ignore value), and the features of both sides come from the same pass, so an adaptation step costs about one
-forward and backward of twice the rows. Per-micro-batch statistics (MMD, and the domain classifier's batch) make
+(batches.paired_micro_batches). The objectives here say `streams_apart`, so the loop collates each stream's rows of
+a micro-batch on their own and they run as two forwards, each padded to its own longest row; the features of both
+feed one loss and one backward. Why not one joined forward (which the loop still does for a micro-batch holding a
+single stream): the joined batch pads every row to the longer stream's width, and with length-grouped batches on
+both streams that wasted a third of the target side's tokens (books -> kitchen at 128 tokens: an MMD step cost
+2.3x an SFT step joined; benchmarks/adapt_step.py, docs/performance.md). Per-micro-batch statistics (MMD, and the domain classifier's batch) make
 these objectives depend on how a step is split into micro-batches, as BatchNorm does: "2 processes == 1" and
 "batch 8 x accum 1 == 2 x 4" hold only at weight 0, where they are plain SFT (tested bit for bit); resume is exact
 for any weight (tested).
@@ -67,6 +70,23 @@ class HeadInput:
         self.handle.remove()
 
 
+def features(task_loss, model, batch: dict, rows: list[int], n_labelled: int):
+    """(task loss sum on the source rows, source features, target features) of one micro-batch: the head's input
+    (HeadInput) from two forwards when the loop collated the streams apart ({"train": ..., "unlabelled": ...}), else
+    from the one joined forward; a side without rows has features None."""
+    if "unlabelled" in batch:
+        with HeadInput(model) as source:
+            task, _ = task_loss(model, batch["train"])
+        with HeadInput(model) as target:  # (the head's own output on these rows is not read: a few FLOPs)
+            model(**{k: v for k, v in batch["unlabelled"].items() if k != "labels"})
+        return task, source.value, target.value
+    with HeadInput(model) as joined:
+        task, _ = task_loss(model, batch)
+    mask = streams(rows, n_labelled, task.device)
+    pick = lambda m: joined.value[m] if m.any() else None  # noqa: E731
+    return task, pick(~mask), pick(mask)
+
+
 def streams(rows: list[int], n_labelled: int, device) -> torch.Tensor:
     """Boolean [rows]: True for rows of the target (unlabelled) stream."""
     return torch.tensor([r >= n_labelled for r in rows], device=device)
@@ -80,6 +100,9 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, multipliers=(0.25, 0.5, 1.0, 2.0, 4.0
     say "shrink all features", which collapsed the classifier's input on the reviews). The biased
     V-statistic: >= 0, symmetric, 0 for identical samples (the unbiased one can go negative on small batches)."""
     z = torch.cat([x, y]).float()
+    # Centred first: distances are unchanged, but |z|^2 - 2 z.z' + |z'|^2 no longer cancels large norms (a tiny or
+    # saturated encoder's features sit close together far from 0, where fp32 rounding moved MMD by ~1%).
+    z = z - z.mean(0, keepdim=True)
     sq = (z * z).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)
     n, total = len(x), len(z)

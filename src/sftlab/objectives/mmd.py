@@ -23,7 +23,7 @@ from pydantic import model_validator
 
 from ..config import ObjectiveConfig
 from ..registry import training_objectives
-from .domain import HeadInput, check_streams, mmd2, streams
+from .domain import check_streams, features, mmd2
 from .sft import LossOut
 
 
@@ -49,6 +49,7 @@ class MMDConfig(ObjectiveConfig):
 @training_objectives.register("mmd")
 class MMD:
     Config = MMDConfig
+    streams_apart = True  # the loop collates source and target rows apart (domain.py: why)
 
     def __init__(self, cfg, data, task_loss, tokenizer):
         o = cfg.objective
@@ -84,11 +85,8 @@ class MMD:
         if self.weight == 0:
             task, _ = self.task_loss(model, batch)
             return LossOut(task, {"task": task.detach()})
-        with HeadInput(model) as features:
-            task, _ = self.task_loss(model, batch)
-        target = streams(rows, self.n_labelled, task.device)
-        n_source = int((~target).sum())
-        if n_source == 0 or not target.any():
+        task, source, target = features(self.task_loss, model, batch, rows, self.n_labelled)
+        if source is None or target is None:
             return LossOut(task, {"task": task.detach()})
-        mmd = mmd2(features.value[~target], features.value[target], self.multipliers) * n_source
+        mmd = mmd2(source, target, self.multipliers) * len(source)
         return LossOut(task + self.weight * self.coefficient * mmd, {"task": task.detach(), "mmd": mmd.detach()})

@@ -24,7 +24,7 @@ from pydantic import model_validator
 
 from ..config import ObjectiveConfig
 from ..registry import training_objectives
-from .domain import check_streams, streams
+from .domain import check_streams
 from .internals import Recording
 from .sft import LossOut
 
@@ -65,6 +65,7 @@ class MLMHead(torch.nn.Module):
 @training_objectives.register("udalm")
 class UDALM:
     Config = UDALMConfig
+    streams_apart = True  # the loop collates source and target rows apart (domain.py: why)
 
     def __init__(self, cfg, data, task_loss, tokenizer):
         from transformers import AutoConfig
@@ -96,7 +97,9 @@ class UDALM:
 
     @staticmethod
     def internals(cfg) -> set[str]:
-        return {"hidden_states"} if cfg.objective.weight > 0 else set()  # every position of the last block
+        # The target forward asks for hidden states itself (the speed patches take their full path for it), and the
+        # source forward keeps them: nothing to turn off for the whole run.
+        return set()
 
     @property
     def reads_unlabelled(self) -> bool:
@@ -117,23 +120,30 @@ class UDALM:
         if self.weight == 0:
             task, _ = self.task_loss(model, batch)
             return LossOut(task, {"task": task.detach()})
-        target = streams(rows, self.n_labelled, batch["input_ids"].device)
-        ids, mlm_labels = batch["input_ids"].clone(), torch.full_like(batch["input_ids"], -100)
-        for r, row in enumerate(rows):
+        apart = "unlabelled" in batch  # source and target rows collated apart: two forwards (domain.py: why)
+        masked, rows_m = (batch["unlabelled"], [r for r in rows if r >= self.n_labelled]) if apart else (batch, rows)
+        ids, mlm_labels = masked["input_ids"].clone(), torch.full_like(masked["input_ids"], -100)
+        for r, row in enumerate(rows_m):
             if row >= self.n_labelled:
                 pos, shown, orig = draw(self.target, row - self.n_labelled, self.step)
                 pos = torch.from_numpy(pos).to(ids.device)
                 ids[r, pos], mlm_labels[r, pos] = torch.from_numpy(shown).to(ids), torch.from_numpy(orig).to(ids)
+        # Every position of the last block: output_hidden_states makes the first-token block take its full path
         recording = Recording(model, output_hidden_states=True)
-        task, _ = self.task_loss(recording, batch | {"input_ids": ids})
+        if apart:  # the source forward keeps the first-token last block; the target's head output is not read
+            task, _ = self.task_loss(model, batch["train"])
+            recording(**{k: v for k, v in masked.items() if k != "labels"} | {"input_ids": ids})
+        else:
+            task, _ = self.task_loss(recording, batch | {"input_ids": ids})
         keep = mlm_labels != -100
         if not keep.any():
             return LossOut(task, {"task": task.detach()})
         inner = getattr(model, "module", model)
         logits = self.head(recording.out.hidden_states[-1][keep], inner.get_input_embeddings().weight)
         per_token = F.cross_entropy(logits.float(), mlm_labels[keep], reduction="none")
-        row_of = torch.arange(len(rows), device=ids.device)[:, None].expand_as(keep)[keep]
-        sums = torch.zeros(len(rows), device=ids.device).index_add(0, row_of, per_token)
+        row_of = torch.arange(len(rows_m), device=ids.device)[:, None].expand_as(keep)[keep]
+        sums = torch.zeros(len(rows_m), device=ids.device).index_add(0, row_of, per_token)
         per_row = sums / keep.sum(1).clamp_min(1)
+        target = torch.tensor([r >= self.n_labelled for r in rows_m], device=ids.device)
         mlm = per_row[target].sum() * units["train"] / units["unlabelled"]
         return LossOut(task + self.weight * mlm, {"task": task.detach(), "mlm": mlm.detach()})

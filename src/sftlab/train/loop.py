@@ -434,9 +434,18 @@ def forward_backward(run: Run, rows: list[int], units: dict[str, int]) -> tuple[
 def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int]) -> tuple[torch.Tensor, dict]:
     acc = run.acc
     step_loss, parts = torch.zeros((), device=acc.device), {}
+
+    def collate(rows: list[int]) -> dict[str, torch.Tensor]:
+        return {key: v.to(acc.device) for key, v in run.spec.collate(run.train_data, rows, run.pad_id, run.multiple,
+                                                                      epoch=run.state.epoch).items()}
+
     for k, idx in enumerate(micro):
-        batch = {key: v.to(acc.device) for key, v in run.spec.collate(run.train_data, idx, run.pad_id, run.multiple,
-                                                                       epoch=run.state.epoch).items()}
+        lab = [i for i in idx if i < run.n_labelled] if run.unlabelled is not None else idx
+        if getattr(run.objective, "streams_apart", False) and 0 < len(lab) < len(idx):
+            # Each stream padded to its own longest row, as two forwards (objectives/domain.py: why)
+            batch = {"train": collate(lab), "unlabelled": collate([i for i in idx if i >= run.n_labelled])}
+        else:
+            batch = collate(idx)
         sync = k == len(micro) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
             out = run.objective(run.model, batch, idx, units)
