@@ -324,6 +324,76 @@ class TrainConfig(_Section):
         return self
 
 
+class TaskEntry(_Section):
+    """One task of `task: multitask` (under `tasks.NAME`): its files and columns, read as a single-task run reads
+    `data` (data.dir, max_length, skip_invalid and the rest come from `data`), plus its loss weight."""
+
+    task: Literal["classification", "regression"] = "classification"
+    """classification (single sentence or pair) or regression (one real target)."""
+    train: str | None = None
+    """Training file of this task (required)."""
+    dev: str | None = None
+    """Its dev file: scored every evaluation as NAME/metric, and in `mean`."""
+    test: str | None = None
+    text: str | int = "text"
+    text_pair: str | int | None = None
+    label: str | int = "label"
+    labels: list[str] | None = None
+    """Class names in id order (default: sorted labels of its training file)."""
+    header: Literal["auto", True, False] = "auto"
+    limit_train: int | None = None
+    limit_dev: int | None = None
+    weight: float = 1.0
+    """Its loss is multiplied by this (an MSE and a cross-entropy are on different scales)."""
+    metric: str | None = None
+    """Its primary dev metric, averaged into `mean` (default: the task's first: accuracy, pearson), e.g. mcc for
+    CoLA."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, v):
+        return [str(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.train is None:
+            raise ValueError("train is required (the task's training file)")
+        if not self.weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        for key in ("limit_train", "limit_dev"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (or null for all rows)")
+        if self.metric is not None:
+            from .tasks import task_spec
+
+            allowed = [m for m in task_spec(self.task).metrics if m != "loss"]
+            if self.metric not in allowed:
+                raise ValueError(f"metric {self.metric!r} does not fit task {self.task}; use one of {allowed}")
+        if self.task == "regression" and self.labels is not None:
+            raise ValueError("labels is for classification; remove it for task: regression")
+        return self
+
+
+class MixtureConfig(_Section):
+    """How `task: multitask` draws each step's task (data/mixture.py): p_i proportional to n_i^(1/temperature)."""
+
+    sampler: Literal["proportional", "temperature", "round_robin", "annealed"] = "proportional"
+    """proportional (p ~ n_i: every row seen about equally often), temperature (p ~ n_i^(1/T): small tasks drawn
+    more), round_robin (the tasks in turn), annealed (p ~ n_i^a, a from 1 to 0.2 over the run: Stickland & Murray
+    2019)."""
+    temperature: float | None = None
+    """sampler temperature only: T (default 2.0); 1 is proportional, large T tends to uniform."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.temperature is not None and self.sampler != "temperature":
+            raise ValueError(f"temperature is an option of sampler temperature, not {self.sampler}; remove it or "
+                             "set sampler: temperature")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        return self
+
+
 class ObjectiveConfig(_Section):
     """Base of every training objective's own config class (objectives/*.py: `Config`, chosen by `name`)."""
 
@@ -334,9 +404,14 @@ class ObjectiveConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     """The pretrained model to fine-tune."""
-    task: Literal["classification", "regression", "causal_lm", "masked_lm", "embedding"] = "classification"
-    """classification (single sentence or pair), regression (one real target, e.g. STS-B), or causal_lm
-    (instruction/chat tuning of a decoder)."""
+    task: Literal["classification", "regression", "causal_lm", "masked_lm", "embedding", "multitask"] = \
+        "classification"
+    """classification (single sentence or pair), regression (one real target, e.g. STS-B), causal_lm
+    (instruction/chat tuning of a decoder), masked_lm, embedding, or multitask (one encoder, a head per `tasks`)."""
+    tasks: dict[str, TaskEntry] | None = None
+    """task: multitask: NAME -> its files, columns, kind and loss weight (each a small `data` section)."""
+    mixture: MixtureConfig | None = None
+    """task: multitask: how each step's task is drawn (default: proportional to the tasks' training rows)."""
     data: DataConfig = DataConfig()
     """Where the labelled data is and how to read it."""
     strategy: StrategyConfig = StrategyConfig()
@@ -371,16 +446,22 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.data.train is None:
+        if self.task == "multitask":
+            self._check_multitask()
+        elif self.tasks is not None or self.mixture is not None:
+            raise ValueError(f"tasks/mixture are for task: multitask, not {self.task}; set task=multitask or remove "
+                             "them")
+        if self.data.train is None and self.task != "multitask":
             raise ValueError("data.train is required: set it in the config or pass data.train=PATH")
         metric = self.train.metric
-        if metric is not None:
+        if metric is not None and self.task != "multitask":
             from .tasks import task_spec
 
             allowed = tuple(task_spec(self.task).metrics)
             if metric not in allowed:
                 raise ValueError(f"train.metric {metric!r} does not fit task {self.task}; use one of {allowed}")
-        if self.train.early_stopping_patience is not None and self.data.dev is None:
+        if self.train.early_stopping_patience is not None and self.data.dev is None and not (
+                self.tasks and any(e.dev for e in self.tasks.values())):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if (self.data.prompt is None) != (self.data.completion is None):
             raise ValueError("data.prompt and data.completion go together: set both (or neither)")
@@ -419,6 +500,30 @@ class RunConfig(_Section):
         if self.strategy.name not in strategies:
             strategies.get(self.strategy.name)  # raises ConfigError naming the key and what is available
         return self
+
+    def _check_multitask(self) -> None:
+        if not self.tasks:
+            raise ValueError("task: multitask needs a tasks section: tasks: {NAME: {task: classification, train: "
+                             "FILE, text: COLUMN}, ...}")
+        if self.data.train is not None or self.data.dev is not None:
+            raise ValueError("task: multitask reads each task's files from tasks.NAME.train / dev; remove data.train "
+                             "and data.dev")
+        for name in self.tasks:
+            if not name or "/" in name or name in ("mean", "loss"):
+                raise ValueError(f"tasks: {name!r} cannot name a task (metrics are logged as NAME/metric); rename it")
+        if self.objective.name != "sft":
+            raise ValueError(f"objective.name: {self.objective.name} is not available with task: multitask yet; use "
+                             "sft (the default)")
+        metric = self.train.metric
+        if metric is not None and metric not in ("mean", "loss"):
+            name, _, m = metric.partition("/")
+            entry = self.tasks.get(name)
+            from .tasks import task_spec
+
+            if entry is None or m not in task_spec(entry.task).metrics:
+                raise ValueError(f"train.metric {metric!r}: use mean (of each task's primary metric), loss, or "
+                                 f"NAME/metric of a task ({', '.join(self.tasks)}), e.g. "
+                                 f"{next(iter(self.tasks))}/{task_spec(next(iter(self.tasks.values())).task).default_metric}")
 
     @property
     def best_metric(self) -> str:
@@ -462,26 +567,56 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _section_type(annotation):
+    """The section class or dict type inside an annotation (`MixtureConfig | None` -> MixtureConfig)."""
+    import typing
+
+    if hasattr(annotation, "model_fields") or typing.get_origin(annotation) is dict:
+        return annotation
+    for arg in typing.get_args(annotation):
+        if hasattr(arg, "model_fields") or typing.get_origin(arg) is dict:
+            return arg
+    return annotation
+
+
 def _fields_at(loc: tuple) -> list[str]:
+    import typing
+
     model: Any = RunConfig
+    skip = False
     for part in loc:
+        if skip:
+            skip = False
+            continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None or not hasattr(field.annotation, "model_fields"):
+        inner = _section_type(field.annotation) if field is not None else None
+        if typing.get_origin(inner) is dict:
+            model, skip = typing.get_args(inner)[1], True
+            continue
+        if inner is None or not hasattr(inner, "model_fields"):
             break
-        model = field.annotation
+        model = inner
     return list(model.model_fields) if hasattr(model, "model_fields") else []
 
 
 def _real_key(loc: tuple) -> tuple:
     """Drop pydantic's union-member parts (`data.text.str`) so the message names a key the user wrote."""
+    import typing
+
     model: Any = RunConfig
+    skip = False
     for n, part in enumerate(loc):
+        if skip:  # a dict's key (tasks.NAME): the user's own name
+            skip = False
+            continue
         fields = getattr(model, "model_fields", None)
         if fields is None:
             return loc[:n]
         if part not in fields:
             return loc[: n + 1]
-        model = fields[part].annotation
+        model = _section_type(fields[part].annotation)
+        if typing.get_origin(model) is dict:
+            model, skip = typing.get_args(model)[1], True
     return loc
 
 
@@ -495,8 +630,8 @@ def _format_error(err: ValidationError) -> str:
         hint = f"did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else f"known keys: {', '.join(known)}"
         return f"{key}: unknown key; {hint}"
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "value_error":
-        return msg
+    if e["type"] == "value_error":  # sections name their keys in full; a task entry's checks name the field only
+        return msg if not loc or msg.startswith(loc[0]) else f"{key}.{msg}"
     return f"{key}: {msg} (got {e.get('input')!r})"
 
 
@@ -523,13 +658,34 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently: two tasks named alike
+    would train one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping; "
+                                    "give each key (each task) once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str) -> dict:
     """A YAML mapping from a file, or a one-line ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: {what} file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

@@ -21,7 +21,7 @@ class Prepared:
 
     def report(self, task: str) -> dict:
         """Rows, skipped rows by reason, truncation, label balance, token-length percentiles per split."""
-        if task == "causal_lm":
+        if task in ("causal_lm", "multitask"):  # built while preparing (multitask: per task and split)
             return self.lm_report
         out = {}
         for name, split in self.splits.items():
@@ -51,6 +51,10 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
     """Validate every row of every configured split (train first: it defines the label map), then tokenize."""
     if cfg.task == "causal_lm":
         return _prepare_lm(cfg, tokenizer, splits)
+    if cfg.task == "multitask":
+        from ..tasks.multitask import prepare_multitask
+
+        return prepare_multitask(cfg, tokenizer, splits)
     if cfg.task == "masked_lm":
         from .text import prepare_masked
 
@@ -101,6 +105,10 @@ def _unlabelled(d, task: str) -> Split:
 def format_report(report: dict) -> str:
     lines = []
     for name, r in report.items():
+        if "share" in r:  # multitask: the sampler's share of steps per task (10,000 draws)
+            lines.append(f"{name}: {r['sampler']}, expected share of steps: "
+                         + ", ".join(f"{k} {v:.1%}" for k, v in r["share"].items()))
+            continue
         if "loss_tokens" in r:  # causal_lm
             t = r["tokens_per_example"]
             extra = "".join(f", {k} {r[k]}" for k in ("skipped", "truncated", "dropped") if r[k])

@@ -69,4 +69,5 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
-    return new < best if metric in LOWER_IS_BETTER else new > best
+    # (a multitask run's NAME/metric: the direction of metric)
+    return new < best if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else new > best

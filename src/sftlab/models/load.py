@@ -156,7 +156,8 @@ def load_model(
     name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False,
     attention: str | None = None, keep_layers: list[int] | None = None, train_data=None,
 ) -> torch.nn.Module:
-    """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM."""
+    """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM. `labels`: the
+    class names, or for task multitask its heads (tasks/multitask.Head)."""
     path = resolve_model(name)
     kwargs = dict(trust_remote_code=trust_remote_code)
     if attention:
@@ -174,10 +175,12 @@ def load_model(
             attn = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
             config = _hub_errors(name, AutoConfig.from_pretrained, path, **kwargs)
             model = auto.from_config(config, trust_remote_code=trust_remote_code, **attn)
+            if task == "multitask":  # (the from-scratch twin: random heads, same layout)
+                spec.after_load(model, None, set(), train_data, labels=labels)
         else:
             model, info = _hub_errors(name, auto.from_pretrained, path, output_loading_info=True, **kwargs)
-            if spec.after_load:  # e.g. an MLM head the checkpoint lacks
-                spec.after_load(model, path, set(info["missing_keys"]), train_data)
+            if spec.after_load:  # e.g. an MLM head the checkpoint lacks, a multitask model's heads
+                spec.after_load(model, path, set(info["missing_keys"]), train_data, labels=labels)
         if keep_layers is not None:  # a shallower student from chosen blocks (models/layers.py)
             from .layers import keep_layers as prune
 

@@ -3,7 +3,8 @@
 The task is decided once, here (shared/design/fusion-architecture.md W1): the loop, evaluation, model loading,
 export and serving ask `task_spec(cfg.task)` for the model class and head, the collate function, the loss units per
 row, the loss, the evaluation and the metrics (with their direction) instead of branching on the task string.
-Registered: classification and regression (sequence.py), causal_lm (causal_lm.py), masked_lm (masked_lm.py), embedding (embedding.py). A new task is one file with one
+Registered: classification and regression (sequence.py), causal_lm (causal_lm.py), masked_lm (masked_lm.py),
+embedding (embedding.py), multitask (multitask.py). A new task is one file with one
 `tasks.register` line (docs/contributing.md).
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ class TaskSpec:
     """(encoded data, row ids, epoch) -> loss units of those rows, for tasks whose units change per epoch (masked LM:
     the masks are drawn per epoch); None: the fixed per-row `units`."""
     after_load: Callable[..., None] | None = None
-    """(model, folder, missing keys, training data or None) after from_pretrained: initialise what the checkpoint
-    lacked (an MLM head)."""
+    """(model, folder, missing keys, training data or None, labels=...) after from_pretrained: initialise what the
+    checkpoint lacked (an MLM head), or reshape the head (multitask's heads)."""
 
     def auto_model(self):
         import transformers
@@ -57,6 +58,6 @@ class TaskSpec:
 
 
 def task_spec(name: str) -> TaskSpec:
-    from . import causal_lm, embedding, masked_lm, sequence  # noqa: F401  (registers the tasks)
+    from . import causal_lm, embedding, masked_lm, multitask, sequence  # noqa: F401  (registers the tasks)
 
     return tasks.get(name)

@@ -80,7 +80,7 @@ def evaluate(model, data: ScoredPairs, *, batch_size, pad_id, device, bf16, max_
     return {"spearman": scores["spearman"], "pearson": scores["pearson"], "pairs": len(data)}
 
 
-def after_load(model, folder: str, missing: set, data=None) -> None:
+def after_load(model, folder: str, missing: set, data=None, labels=None) -> None:
     from .masked_lm import _KeptPooler
 
     pooler = getattr(model, "pooler", None)

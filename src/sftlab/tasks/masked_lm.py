@@ -142,7 +142,7 @@ def evaluate(model, data, *, batch_size, pad_id, device, bf16, max_tokens=None, 
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "masked_tokens": tokens}
 
 
-def after_load(model, folder: str, missing: set, data: MaskedEncoded | None = None) -> None:
+def after_load(model, folder: str, missing: set, data: MaskedEncoded | None = None, labels=None) -> None:
     """A head the checkpoint lacked starts from the training text's unigram model: transform = identity (LayerNorm
     as usual), output bias = log add-one token frequencies of `data`. Measured on minilm-l6, kitchen reviews dev
     (300 rows, docs/continued-pretraining.md): transformers' random head starts at perplexity 50,047, an identity

@@ -36,6 +36,7 @@ from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
 from ..config import RunConfig
 from ..data.batches import join, micro_batches, paired_micro_batches, step_batches
+from ..data.mixture import Mixture
 from ..data.prepare import format_report, prepare
 from ..errors import ConfigError, RunDirError, TrainingError
 from ..eval.metrics import is_better
@@ -74,6 +75,7 @@ class Run:
     train_data: Any  # the labelled rows, then the unlabelled stream's (one row space)
     dev_data: Any
     n_labelled: int
+    mixture: Any  # data.mixture.Mixture for task: multitask, else None
     unlabelled: Any  # the unlabelled stream's encoded rows, or None
     u_seed: int
     lengths: list[int]
@@ -151,14 +153,23 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         log(format_report(data.report(cfg.task)))
         if t.precision == "auto":
             log(describe_precision(bf16, t.precision))
-    labels = data.labels.names if data.labels else None
-    check_labels(run_dir, labels, resume is not None, main, force_resume)
     train_data, dev_data = data.encoded["train"], data.encoded.get("dev")
+    heads = getattr(train_data, "heads", None)  # task: multitask: one head per task (tasks/multitask.py)
+    labels = [h.to_json() for h in heads] if heads else data.labels.names if data.labels else None
+    check_labels(run_dir, labels, resume is not None, main, force_resume)
     step_size = t.batch_size * t.grad_accum * acc.num_processes
-    steps_per_epoch = math.ceil(len(train_data) / step_size)
+    mixture = None
+    if heads:  # each step one task's batch, drawn by the sampler; each task's stream keeps its own epochs
+        mix = cfg.mixture
+        mixture = Mixture([train_data.lengths[a:b] for a, b in zip(train_data.offsets, train_data.offsets[1:])],
+                          train_data.offsets, step_size, t.seed, t.group_by_length,
+                          mix.sampler if mix else "proportional", mix.temperature if mix else None)
+    steps_per_epoch = mixture.steps_per_epoch if mixture else math.ceil(len(train_data) / step_size)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    if mixture:
+        mixture.total = total_steps  # (the annealed sampler's schedule)
     model = load_model(
-        cfg.model.name, cfg.task, labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
+        cfg.model.name, cfg.task, heads or labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length), keep_layers=cfg.model.keep_layers,
         train_data=train_data,  # a new MLM head starts as the training text's unigram model
@@ -240,7 +251,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
             trim_log(run_dir / name, step)
     return Run(
         cfg=cfg, spec=spec, acc=acc, main=main, bf16=bf16, run_dir=run_dir, signals=signals, tokenizer=tokenizer,
-        data=data, labels=labels, train_data=train_data, dev_data=dev_data, n_labelled=n_labelled,
+        data=data, labels=labels, train_data=train_data, dev_data=dev_data, n_labelled=n_labelled, mixture=mixture,
         unlabelled=unlabelled, u_seed=t.seed * 7 + zlib.crc32(b"unlabelled") % 1_000_003, lengths=lengths,
         weights=list(spec.units(train_data))[:n_labelled] + unl_zeros,
         row_examples=list(spec.examples(train_data))[:n_labelled] + unl_zeros,  # packs count their examples
@@ -269,7 +280,8 @@ def fit(run: Run, on_eval=None) -> str | None:
     delay = step_delay_for_tests()
     while not stop:
         epoch = state.epoch
-        batches = step_batches(run.lengths[:run.n_labelled], run.step_size, t.seed, epoch, t.group_by_length)
+        batches = run.mixture.epoch(epoch) if run.mixture else \
+            step_batches(run.lengths[:run.n_labelled], run.step_size, t.seed, epoch, t.group_by_length)
         for step_batch in batches[state.step_in_epoch:]:
             if delay:
                 time.sleep(delay)

@@ -1,0 +1,107 @@
+"""Several task heads on one encoder, behind a switch in place of the model's own head (task: multitask).
+
+Why a switch inside the Hugging Face model rather than a new wrapper model: everything that handles an ordinary
+sequence classifier keeps working on it unchanged: the strategies (the head is still `classifier.*`), PEFT (LoRA's
+`modules_to_save` copies the switch with its heads), the first-token last block (the heads read what the original
+head read), `save_pretrained` (keys `classifier.heads.NAME.*`). The active head is chosen per forward by
+`active_head(model, k)`; tasks/multitask.py's loss and evaluation do it from the batch's task index.
+
+Head k > 0 is the first head's architecture with the last linear layer sized for task k, initialised as
+transformers initialises a new head (normal(0, initializer_range), zero bias), from a generator forked off the
+run's seed, so adding tasks never moves the run's dropout masks. Head 0 is the head `from_pretrained` built, which
+makes a one-task mixture the single-task run bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class HeadSwitch(nn.Module):
+    def __init__(self, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleDict(heads)
+        self.names = list(heads)
+        self.active = 0
+
+    def forward(self, *args, **kwargs):
+        return self.heads[self.names[self.active]](*args, **kwargs)
+
+
+def _head_name(model: nn.Module) -> str:
+    """The attribute holding the head: the first child with parameters outside the encoder (BERT's `classifier`)."""
+    from ..errors import ConfigError
+
+    base = getattr(model, "base_model_prefix", None)
+    for name, child in model.named_children():
+        if name != base and any(True for _ in child.parameters()):
+            return name
+    raise ConfigError("task: multitask needs an encoder with a classification head after it (e.g. BERT, MPNet)")
+
+
+def _sized(head: nn.Module, outputs: int, std: float, seed: int) -> nn.Module:
+    new = copy.deepcopy(head)
+    last_name, last = [(n, m) for n, m in new.named_modules() if isinstance(m, nn.Linear)][-1]
+    resized = nn.Linear(last.in_features, outputs, bias=last.bias is not None)
+    if last_name:
+        parent = new.get_submodule(last_name.rsplit(".", 1)[0]) if "." in last_name else new
+        setattr(parent, last_name.rsplit(".", 1)[-1], resized)
+    else:
+        new = resized
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in new.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+    return new
+
+
+def install_heads(model: nn.Module, heads, folder: str | Path | None = None) -> None:
+    """Put every task's head behind a switch in place of the model's head; with a multitask folder, load them."""
+    name = _head_name(model)
+    first = getattr(model, name)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    seed = torch.initial_seed()
+    modules = {}
+    for k, h in enumerate(heads):
+        outputs = 1 if h.kind == "regression" else len(h.labels)
+        modules[h.name] = first if k == 0 else _sized(first, outputs, std, seed * 1009 + k)
+    switch = HeadSwitch(modules)
+    setattr(model, name, switch)
+    weights = Path(folder) / "model.safetensors" if folder else None
+    if weights is not None and weights.is_file():
+        from safetensors import safe_open
+
+        prefix = f"{name}.heads."
+        with safe_open(str(weights), "pt") as f:
+            saved = {k[len(name) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        if saved:  # a multitask run's folder: its trained heads (an ordinary model folder has none)
+            switch.load_state_dict(saved, strict=True)
+
+
+def switches(model: nn.Module) -> list[HeadSwitch]:
+    return [m for m in model.modules() if isinstance(m, HeadSwitch)]
+
+
+@contextlib.contextmanager
+def active_head(model: nn.Module, k: int):
+    """Route the model's head calls to task k's head (every switch: PEFT keeps a trainable copy beside the
+    original)."""
+    found = switches(model)
+    before = [s.active for s in found]
+    for s in found:
+        s.active = k
+    try:
+        yield
+    finally:
+        for s, b in zip(found, before):
+            s.active = b
