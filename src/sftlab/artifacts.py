@@ -20,7 +20,7 @@ from .errors import ExportError, RunDirError
 
 RUN_META = "sftlab.json"
 EXPORT_META = "sftlab_export.json"
-TASKS = ("classification", "regression", "causal_lm", "masked_lm", "embedding")
+TASKS = ("classification", "regression", "causal_lm", "masked_lm", "embedding", "multitask")
 
 
 @dataclass(frozen=True)

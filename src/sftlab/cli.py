@@ -144,7 +144,7 @@ def cmd_eval(args) -> None:
         print(json.dumps(scores))
         return
     scores = evaluate_file(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
-                           columns=_columns(args))
+                           columns=_columns(args), task=args.task)
     print(json.dumps(scores))
 
 
@@ -176,7 +176,7 @@ def cmd_predict(args) -> None:
         rows = predict_rows(args.run, args.data, batch_size=args.batch_size, columns=_columns(args))
     else:
         rows = predict_file(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
-                            columns=_columns(args))
+                            columns=_columns(args), task=args.task)
     if args.out:
         from pathlib import Path
 
@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "folder")
         e.add_argument("--data", required=True, help="file to read (columns as in training unless overridden)")
         e.add_argument("--text"), e.add_argument("--text-pair"), e.add_argument("--label")
+        e.add_argument("--task", help="a multitask model: the task (head) to use, with its columns and labels")
         e.add_argument("--batch-size", type=int, default=128)
         e.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto" if name == "eval" else "fp32",
                        help=("auto (default): bf16 autocast where this machine's bf16 matmuls are faster, else fp32"

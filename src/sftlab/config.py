@@ -37,6 +37,9 @@ class ModelConfig(_Section):
     keep_layers: list[int] | None = None
     """Blocks of `name` to keep, e.g. [1, 3, 5]: a shallower student initialised from them (DistilBERT), the
     embeddings and head as trained. Increasing, each in 0..blocks-1 (checked against the model at start)."""
+    head_from: str | None = None
+    """Fine-tuning after multitask: with model.name a multitask run's RUN_DIR/best, start this run's head from that
+    run's head of this name (same kind and classes); unset, the head starts new and only the encoder carries over."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
     """Attention kernel for training. auto: transformers' default (sdpa); eager measured slower on the 2-core CPU
     SST-2 benchmark (docs/performance.md)."""
@@ -446,6 +449,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.model.head_from is not None and self.task not in ("classification", "regression"):
+            raise ValueError(f"model.head_from starts a classification or regression head, not task {self.task}; "
+                             "remove it")
         if self.task == "multitask":
             self._check_multitask()
         elif self.tasks is not None or self.mixture is not None:

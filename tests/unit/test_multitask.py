@@ -173,3 +173,58 @@ def test_regression_task_with_class_names_is_a_data_error(tiny_overrides, tmp_pa
 
     with pytest.raises(DataError, match="not a number"):
         _train(_multi(tiny_overrides, {"r": {"task": "regression", "train": toy_data["train"]}}))
+
+
+def test_eval_and_predict_one_task_of_a_multitask_run(tiny_overrides, tasks, capsys):
+    """`sftlab eval RUN --task NAME` equals the dev figures training logged for that head; predict answers with
+    that task's labels; a missing or unknown --task is one line naming the tasks."""
+    from sftlab.cli import main
+
+    run = _train(_multi(tiny_overrides, tasks))
+    summary = json.loads((run / "summary.json").read_text())["dev_metrics"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--task", "three", "--data", tasks["three"]["dev"], "--fp32"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["accuracy"] == pytest.approx(summary["three/accuracy"]) and scores["examples"] == 30
+    assert scores["loss"] == pytest.approx(summary["three/loss"], rel=1e-5)
+    assert main(["eval", str(run), "--task", "reg", "--data", tasks["reg"]["dev"], "--fp32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mse"] == pytest.approx(summary["reg/mse"],
+                                                                                                rel=1e-5)
+    assert main(["predict", str(run), "--task", "three", "--data", tasks["three"]["dev"]]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 30 and set(rows[0]["scores"]) == {"a", "b", "c"}
+    for argv, needle in ((["eval", str(run), "--data", tasks["three"]["dev"]], "is a multitask model"),
+                         (["predict", str(run), "--task", "nope", "--data", tasks["three"]["dev"]], "has no task")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "sent, three, reg" in err[0], err
+
+
+def test_fine_tune_after_multitask_from_one_head(tiny_overrides, tasks, tmp_path, capsys):
+    """model.name: RUN/best + model.head_from: the encoder and that head carry over exactly; wrong heads are one
+    line each, before anything is written."""
+    from sftlab.cli import main
+    from sftlab.models import load_model
+
+    run = _train(_multi(tiny_overrides, tasks))
+    saved = load_file(str(run / "best" / "model.safetensors"))
+    model = load_model(str(run / "best"), "classification", ["a", "b", "c"], head_from="three")
+    for k, v in model.state_dict().items():
+        src = k.replace("classifier.", "classifier.heads.three.") if k.startswith("classifier.") else k
+        if src in saved:
+            assert torch.equal(v, saved[src]), k
+    assert torch.equal(model.classifier.weight, saved["classifier.heads.three.weight"])
+    over = [o for o in tiny_overrides if not o.startswith(("data.train=", "data.dev=", "model.name=", "output_dir="))]
+    three = [f"data.train={tasks['three']['train']}", f"data.dev={tasks['three']['dev']}", "train.epochs=1",
+             f"model.name={run / 'best'}"]
+    done = _train(over + three + ["model.head_from=three", f"output_dir={tmp_path / 'ft'}"])
+    assert (done / "best" / "model.safetensors").is_file()
+    capsys.readouterr()
+    for extra, needle in ((["model.head_from=nope"], "has no head 'nope'; its heads: sent, three, reg"),
+                          (["model.head_from=reg"], "is a regression head"),
+                          (["model.head_from=sent"], "labels ['negative', 'positive']")):
+        out = tmp_path / f"bad-{extra[0][-4:]}"
+        assert main(["train", "-", *over, *three, *extra, f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # (the labels' check follows the data report)
+        assert err[-1].startswith("sftlab: error: ") and needle in err[-1], err
+        assert "Traceback" not in "\n".join(err)

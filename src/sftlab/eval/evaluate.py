@@ -44,7 +44,11 @@ def load_trained(path, device=None):
             with peft_calls():
                 model = PeftModel.from_pretrained(adapter_base(auto, meta), model_dir)
         else:
-            model = auto.from_pretrained(model_dir)
+            model = _quiet(auto.from_pretrained, model_dir) if task == "multitask" else auto.from_pretrained(model_dir)
+            if task == "multitask":  # the heads behind their switch, from the folder's weights
+                from ..models.multihead import install_heads
+
+                install_heads(model, _heads(meta), model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -69,6 +73,10 @@ def loading(folder: Path):
 def adapter_base(auto, meta: dict):
     """The frozen base an adapter run trained on: `base_path`, with the run's `model.keep_layers` applied."""
     base = _quiet(auto.from_pretrained, meta["base_path"], **_head_kwargs(meta))
+    if meta["task"] == "multitask":  # the switch first: the adapter's saved head keys are classifier.heads.NAME
+        from ..models.multihead import install_heads
+
+        install_heads(base, _heads(meta))
     if meta.get("keep_layers"):
         from ..models.layers import keep_layers
 
@@ -88,7 +96,35 @@ def _quiet(fn, *args, **kwargs):
         transformers.logging.set_verbosity(verbosity)
 
 
+def _heads(meta: dict) -> list:
+    from ..tasks.multitask import Head
+
+    return [Head.from_json(h) for h in meta["labels"]]
+
+
+def select_task(model, meta: dict, name: str | None, where) -> dict:
+    """A multitask model answering as one task's model: its head made the active one, and the meta a single-task
+    run's (task kind, labels). Other models: `name` must be None. `where`: the model's path, for the messages."""
+    if meta["task"] != "multitask":
+        if name is not None:
+            raise SftlabError(f"--task {name}: {where} is a single-task model ({meta['task']}); drop --task")
+        return meta
+    heads = _heads(meta)
+    names = [h.name for h in heads]
+    if name not in names:
+        what = f"has no task {name!r}" if name is not None else "is a multitask model"
+        raise SftlabError(f"{where} {what}; pass --task with one of: {', '.join(names)}")
+    from ..models.multihead import switches
+
+    k = names.index(name)
+    for switch in switches(model):
+        switch.active = k
+    return meta | {"task": heads[k].kind, "labels": heads[k].labels, "head": name}
+
+
 def _head_kwargs(meta: dict) -> dict:
+    if meta["task"] == "multitask":
+        meta = meta | {"task": meta["labels"][0]["task"], "labels": meta["labels"][0]["labels"]}
     if meta["task"] == "regression":
         return {"num_labels": 1, "problem_type": "regression"}
     if meta["task"] == "classification":
@@ -98,21 +134,25 @@ def _head_kwargs(meta: dict) -> dict:
     return {}
 
 
-def _data_config(run_path: Path, overrides: dict) -> DataConfig:
-    """Column mapping from the run's config, so `--data` files in the training layout just work."""
+def _data_config(run_path: Path, overrides: dict, task: str | None = None) -> DataConfig:
+    """Column mapping from the run's config (a multitask run: that task's), so `--data` files in the training
+    layout just work."""
     import yaml
 
     base = {}
     cfg_file = run_path / "config.yaml" if (run_path / "config.yaml").is_file() else run_path.parent / "config.yaml"
     if cfg_file.is_file():
-        base = yaml.safe_load(cfg_file.read_text()).get("data", {})
+        saved = yaml.safe_load(cfg_file.read_text())
+        base = saved.get("data", {})
+        if task is not None:
+            base = base | ((saved.get("tasks") or {}).get(task) or {})
     keep = {k: base[k] for k in ("text", "text_pair", "label", "header", "max_length") if k in base}
     return DataConfig(**(keep | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def analysis_path(run: str | Path, data: str) -> Path | None:
+def analysis_path(run: str | Path, data: str, head: str | None = None) -> Path | None:
     run_dir = run_dir_of(run)
-    return run_dir / "analysis" / f"{Path(data).stem}.json" if run_dir else None
+    return run_dir / "analysis" / f"{head + '-' if head else ''}{Path(data).stem}.json" if run_dir else None
 
 
 def write_json(path: Path, obj) -> None:
@@ -124,12 +164,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None,
-                  analysis: bool = True, limit: int | None = None) -> dict:
+                  analysis: bool = True, limit: int | None = None, task: str | None = None) -> dict:
     """Metrics of the run's best model on `data` (its first `limit` valid rows: the report passes data.limit_dev so
     the analysis is of the rows training scored); with `analysis`, the error analysis goes to
     RUN_DIR/analysis/<data stem>.json (see eval/analysis.py)."""
     model, tokenizer, meta = load_trained(run)
-    dcfg = _data_config(Path(run), columns or {})
+    meta = select_task(model, meta, task, run)
+    dcfg = _data_config(Path(run), columns or {}, meta.get("head"))
     if meta["task"] == "masked_lm":
         return _masked_scores(run, model, tokenizer, meta, dcfg, data, batch_size=batch_size, bf16=bf16, limit=limit)
     if meta["task"] == "embedding":  # STS: Spearman of cosines on a scored pair file (the run's dev_columns)
@@ -153,7 +194,7 @@ def evaluate_file(run: str, data: str, *, batch_size=128, bf16=True, columns: di
     y = np.array(enc.labels)
     scores = compute_metrics(meta["task"], logits, y) | {"loss": loss}
     scores |= {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
-    target = analysis_path(run, data) if analysis else None
+    target = analysis_path(run, data, meta.get("head")) if analysis else None
     if target:
         from .analysis import analyse
 
@@ -191,10 +232,12 @@ def _masked_scores(run, model, tokenizer, meta, dcfg, data, *, batch_size, bf16,
     return scores | {"examples": len(enc), "truncated": enc.truncated, "skipped": sum(split.skipped.values())}
 
 
-def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None):
+def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dict | None = None,
+                 task: str | None = None):
     """Yields one dict per input row: the text, the predicted label and its probability (or the value)."""
     model, tokenizer, meta = load_trained(run)
-    dcfg = _data_config(Path(run), columns or {})
+    meta = select_task(model, meta, task, run)
+    dcfg = _data_config(Path(run), columns or {}, meta.get("head"))
     split, _ = load_split(dcfg, data, meta["task"], LabelMap(meta["labels"]) if meta["labels"] else None,
                           need_label=False)
     enc = encode(tokenizer, split.examples, meta["max_length"])

@@ -154,7 +154,7 @@ def attention_for(choice: str, task: str, max_length: int) -> str | None:
 
 def load_model(
     name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False,
-    attention: str | None = None, keep_layers: list[int] | None = None, train_data=None,
+    attention: str | None = None, keep_layers: list[int] | None = None, train_data=None, head_from: str | None = None,
 ) -> torch.nn.Module:
     """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM. `labels`: the
     class names, or for task multitask its heads (tasks/multitask.Head)."""
@@ -181,6 +181,10 @@ def load_model(
             model, info = _hub_errors(name, auto.from_pretrained, path, output_loading_info=True, **kwargs)
             if spec.after_load:  # e.g. an MLM head the checkpoint lacks, a multitask model's heads
                 spec.after_load(model, path, set(info["missing_keys"]), train_data, labels=labels)
+            if head_from:  # fine-tuning after multitask: one of its heads as this run's start (models/multihead.py)
+                from .multihead import take_head
+
+                take_head(model, path, head_from, labels)
         if keep_layers is not None:  # a shallower student from chosen blocks (models/layers.py)
             from .layers import keep_layers as prune
 

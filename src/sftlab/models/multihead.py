@@ -84,8 +84,10 @@ def install_heads(model: nn.Module, heads, folder: str | Path | None = None) -> 
         prefix = f"{name}.heads."
         with safe_open(str(weights), "pt") as f:
             saved = {k[len(name) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        if saved:  # a multitask run's folder: its trained heads (an ordinary model folder has none)
-            switch.load_state_dict(saved, strict=True)
+        for h in heads:  # a multitask run's folder: its trained heads by name (an ordinary folder has none)
+            mine = {k[len(f"heads.{h.name}."):]: v for k, v in saved.items() if k.startswith(f"heads.{h.name}.")}
+            if mine:
+                switch.heads[h.name].load_state_dict(mine, strict=True)
 
 
 def switches(model: nn.Module) -> list[HeadSwitch]:
@@ -105,3 +107,56 @@ def active_head(model: nn.Module, k: int):
     finally:
         for s, b in zip(found, before):
             s.active = b
+
+
+def saved_heads(folder: str | Path) -> list | None:
+    """The heads of a multitask run's model folder (its sftlab.json), or None for any other folder."""
+    import json
+
+    from ..tasks.multitask import Head
+
+    try:
+        meta = json.loads((Path(folder) / "sftlab.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("task") != "multitask":
+        return None
+    return [Head.from_json(h) for h in meta["labels"]]
+
+
+def check_head_from(cfg) -> None:
+    """model.head_from before anything is written: the start is a multitask run's folder holding that head, of
+    this run's kind."""
+    from ..errors import ConfigError
+    from .load import resolve_model
+
+    name = cfg.model.head_from
+    if name is None:
+        return
+    heads = saved_heads(resolve_model(cfg.model.name))
+    if heads is None:
+        raise ConfigError(f"model.head_from: {name} takes a head of a multitask run; model.name {cfg.model.name} is "
+                          "not one (point it at RUN_DIR/best of a task: multitask run)")
+    found = {h.name: h for h in heads}
+    if name not in found:
+        raise ConfigError(f"model.head_from: {cfg.model.name} has no head {name!r}; its heads: {', '.join(found)}")
+    if found[name].kind != cfg.task:
+        raise ConfigError(f"model.head_from: head {name} is a {found[name].kind} head, this run is task {cfg.task}; "
+                          "pick a head of the same kind or drop model.head_from")
+
+
+def take_head(model: nn.Module, folder: str | Path, name: str, labels: list[str] | None) -> None:
+    """Start `model`'s own head from head `name` of a multitask folder (same kind and classes, checked)."""
+    from safetensors import safe_open
+
+    from ..errors import ConfigError
+
+    head = {h.name: h for h in saved_heads(folder)}[name]
+    if labels is not None and head.labels != list(labels):
+        raise ConfigError(f"model.head_from: head {name} was trained for labels {head.labels}, this data has "
+                          f"{list(labels)}; set data.labels to {head.labels} (same order) or drop model.head_from")
+    attr = _head_name(model)
+    prefix = f"{attr}.heads.{name}."
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+        weights = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    getattr(model, attr).load_state_dict(weights, strict=True)

@@ -42,6 +42,7 @@ from ..errors import ConfigError, RunDirError, TrainingError
 from ..eval.metrics import is_better
 from ..models import load_model, load_tokenizer
 from ..models.load import attention_for, check_model
+from ..models.multihead import check_head_from
 from ..allocator import current as allocator
 from ..precision import describe as describe_precision, pad_multiple, resolve as resolve_precision
 from ..registry import training_objectives
@@ -145,6 +146,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     check_model(cfg.model.name, from_scratch=cfg.model.from_scratch, max_length=cfg.data.max_length,
                 trust_remote_code=cfg.model.trust_remote_code, keep_layers=cfg.model.keep_layers)  # nothing written yet
     Objective.check(cfg)  # e.g. distill's teacher exists and fits
+    check_head_from(cfg)  # model.head_from: a head of the multitask run model.name names
     run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -173,6 +175,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length), keep_layers=cfg.model.keep_layers,
         train_data=train_data,  # a new MLM head starts as the training text's unigram model
+        head_from=cfg.model.head_from,
     )
     # Student internals an objective reads (distill's attention / hidden terms): eager attention returns the maps,
     # and the first-token shortcut of the last block would leave one position of its hidden states.
