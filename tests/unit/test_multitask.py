@@ -228,3 +228,55 @@ def test_fine_tune_after_multitask_from_one_head(tiny_overrides, tasks, tmp_path
         err = capsys.readouterr().err.strip().splitlines()  # (the labels' check follows the data report)
         assert err[-1].startswith("sftlab: error: ") and needle in err[-1], err
         assert "Traceback" not in "\n".join(err)
+
+
+def test_lora_multitask_saves_one_adapter_and_every_head(tiny_overrides, tasks, capsys):
+    from sftlab.cli import main
+
+    run = _train(_multi(tiny_overrides, tasks, "strategy.name=lora", "strategy.r=4", "strategy.target_modules=all-linear"))
+    files = sorted(p.name for p in (run / "best").iterdir())
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    keys = load_file(str(run / "best" / "adapter_model.safetensors")).keys()
+    assert {k for k in keys if "heads." in k} and all(any(f"heads.{n}." in k for k in keys) for n in tasks)
+    summary = json.loads((run / "summary.json").read_text())["dev_metrics"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--task", "three", "--data", tasks["three"]["dev"], "--fp32"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["loss"] == pytest.approx(summary["three/loss"], rel=1e-5)
+
+
+def test_served_multitask_equals_in_memory_heads_and_refuses_unknown_tasks(tiny_overrides, tasks):
+    """POST /v1/classify {"task": NAME} == each head's in-memory logits (1e-5); requests of several tasks in one
+    micro-batch each get their own head; an unknown or missing task is a JSON 4xx naming the tasks."""
+    from starlette.testclient import TestClient
+
+    from sftlab.eval.evaluate import load_trained
+    from sftlab.models.multihead import active_head
+    from sftlab.serve.app import create_app
+    from sftlab.serve.settings import ServeSettings
+
+    run = _train(_multi(tiny_overrides, tasks))
+    model, tok, meta = load_trained(run, device=torch.device("cpu"))
+    texts = {name: [json.loads(x)["text"] for x in open(spec["dev"])][:6] for name, spec in tasks.items()}
+    with TestClient(create_app(run, ServeSettings(precision="fp32", max_wait_ms=50))) as c:
+        listed = c.get("/v1/tasks").json()["tasks"]
+        assert [t["name"] for t in listed] == ["sent", "three", "reg"] and listed[1]["labels"] == ["a", "b", "c"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as ex:  # three tasks in flight together: batched, then grouped by task
+            answers = dict(zip(tasks, ex.map(lambda n: c.post("/v1/classify", json={
+                "task": n, "texts": texts[n], "all_scores": True}).json(), tasks)))
+        for k, name in enumerate(tasks):
+            enc = tok(texts[name], padding=True, return_tensors="pt")
+            with torch.no_grad(), active_head(model, k):
+                logits = model(**enc).logits.float()
+            preds = answers[name]["predictions"]
+            if name == "reg":
+                np.testing.assert_allclose([p["score"] for p in preds], logits[:, 0].numpy(), atol=1e-5)
+            else:
+                probs = torch.softmax(logits, -1).numpy()
+                np.testing.assert_allclose([list(p["scores"].values()) for p in preds], probs, atol=1e-5)
+        for body, status in (({"task": "nope", "texts": ["x"]}, 404), ({"texts": ["x"]}, 422)):
+            r = c.post("/v1/classify", json=body)
+            assert r.status_code == status and "sent, three, reg" in r.json()["error"]["message"], r.text

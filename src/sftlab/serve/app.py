@@ -34,8 +34,8 @@ from .schemas import ChatRequest, ClassifyRequest, GenerateRequest
 from .settings import ServeSettings
 
 log = logging.getLogger("sftlab.serve")
-ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET", "/v1/classify": "POST", "/v1/generate": "POST",
-          "/v1/chat/completions": "POST"}
+ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET", "/v1/tasks": "GET", "/v1/classify": "POST",
+          "/v1/generate": "POST", "/v1/chat/completions": "POST"}
 
 
 def create_app(source: str | Path | Classifier | Generator, settings: ServeSettings | None = None) -> FastAPI:
@@ -107,6 +107,13 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
         return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": started,
                                             "owned_by": "sftlab", "task": backend.task}]}
 
+    @app.get("/v1/tasks", dependencies=auth)
+    async def list_tasks():  # a multitask model's heads; a single-task model is its own one task
+        if backend.task == "multitask":
+            return {"model": backend.name, "tasks": backend.describe()}
+        labels = getattr(backend, "labels", None)
+        return {"model": backend.name, "tasks": [{"name": backend.name, "task": backend.task, "labels": labels}]}
+
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -122,8 +129,20 @@ def create_app(source: str | Path | Classifier | Generator, settings: ServeSetti
             limit_chars(a, f"texts[{i}]" + ("[0]" if b is not None else ""))
             if b is not None:
                 limit_chars(b, f"texts[{i}][1]")
+        kind = backend.task
+        if backend.task == "multitask":  # one head per request; the batcher groups a batch's items by task
+            if body.task not in backend.tasks:
+                names = ", ".join(backend.tasks)
+                raise ApiError(404 if body.task is not None else 422,
+                               (f"task {body.task!r} is not served here" if body.task is not None else
+                                "this server runs a multitask model: say which task answers with \"task\"")
+                               + f"; available tasks: {names} (GET /v1/tasks)", "unknown_task")
+            items, kind = [(a, b, body.task) for a, b in items], backend.tasks[body.task].task
+        elif body.task is not None:
+            raise ApiError(422, f"\"task\": {body.task!r}, but this server runs one {backend.task} model; drop "
+                                "\"task\"", "unknown_task")
         preds = await rt["batcher"].submit(items)
-        if not body.all_scores or backend.task == "regression":
+        if not body.all_scores or kind == "regression":
             preds = [{"label": p["label"], "score": p["score"]} for p in preds]
         return JSONResponse({"model": backend.name, "predictions": preds})
 
@@ -198,7 +217,7 @@ def _warm_up(backend) -> None:
     """One tiny call so the first request does not pay for lazy initialisation."""
     try:
         if backend.kind == "classify":
-            backend.predict([("warm up", None)])
+            backend.predict([("warm up", None, *([next(iter(backend.tasks))] if backend.task == "multitask" else []))])
         else:
             backend.generate(backend.encode([{"role": "user", "content": "hi"}], 1), max_new_tokens=1)
     except Exception:  # noqa: BLE001 - a failing warm-up is logged; requests will show the error

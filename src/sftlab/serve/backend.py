@@ -123,8 +123,10 @@ def _from_runtime(p: Path, meta: dict, *, threads: int | None = None, **kw):
 def _wrap(model, tokenizer, meta, *, name, fmt, bf16=False, batch_tokens=16_384):
     if meta["task"] == "causal_lm":
         return Generator(model, tokenizer, meta, name=name, fmt=fmt)
-    return Classifier(TorchLogits(model, tokenizer, meta.get("max_length") or 512, bf16=bf16,
-                                  batch_tokens=batch_tokens), meta, name=name, fmt=fmt)
+    logits = TorchLogits(model, tokenizer, meta.get("max_length") or 512, bf16=bf16, batch_tokens=batch_tokens)
+    if meta["task"] == "multitask":
+        return MultiClassifier(logits, model, meta, name=name, fmt=fmt)
+    return Classifier(logits, meta, name=name, fmt=fmt)
 
 
 # ------------------------------------------------------------------------------------------ classification
@@ -244,6 +246,41 @@ class Classifier:
         top = probs.argmax(-1)
         return [{"label": self.labels[k], "score": float(p[k]), "scores": dict(zip(self.labels, map(float, p)))}
                 for k, p in zip(top, probs)]
+
+
+class MultiClassifier:
+    """A multitask model: one Classifier per task over the shared model, each routing to its head. `predict` takes
+    (text, text_pair, task) items and runs each task's items as their own forward passes (a batch of requests of
+    several tasks becomes one group per task)."""
+
+    kind, task = "classify", "multitask"
+
+    def __init__(self, logits: "TorchLogits", model, meta: dict, *, name: str = "model", fmt: str = "hf"):
+        from ..models.multihead import active_head
+        from ..tasks.multitask import Head
+
+        self.meta, self.name, self.format = meta, name, fmt
+        self.heads = [Head.from_json(h) for h in meta["labels"]]
+
+        def on_head(k):
+            def fn(texts, pairs=None):
+                with active_head(model, k):  # (one inference thread: no other call sees the switch turned)
+                    return logits(texts, pairs)
+            return fn
+
+        self.tasks = {h.name: Classifier(on_head(k), {"task": h.kind, "labels": h.labels}, name=name, fmt=fmt)
+                      for k, h in enumerate(self.heads)}
+
+    def describe(self) -> list[dict]:
+        return [{"name": h.name, "task": h.kind, "labels": h.labels} for h in self.heads]
+
+    def predict(self, items: list[tuple]) -> list[dict]:
+        out: list[dict | None] = [None] * len(items)
+        for task in dict.fromkeys(it[2] for it in items):
+            idx = [i for i, it in enumerate(items) if it[2] == task]
+            for i, p in zip(idx, self.tasks[task].predict([items[i][:2] for i in idx])):
+                out[i] = p
+        return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------- generation

@@ -26,6 +26,8 @@ class ClassifyRequest(BaseModel):
     """Texts ["a", "b"] or text pairs [["premise", "hypothesis"], ...]; answers come back in this order."""
     all_scores: bool = False
     """Also return every class's probability ("scores": {label: p}); classification only."""
+    task: str | None = None
+    """A multitask model: which task (head) answers; GET /v1/tasks lists them."""
 
     @field_validator("texts", mode="before")
     @classmethod
