@@ -132,7 +132,8 @@ def cmd_eval(args) -> None:
     if export_meta is not None and export_meta.get("task") != "causal_lm":  # an export folder of any format
         from .export.predict import evaluate_export
 
-        print(json.dumps(evaluate_export(args.run, args.data, batch_size=args.batch_size, columns=_columns(args))))
+        print(json.dumps(evaluate_export(args.run, args.data, batch_size=args.batch_size, columns=_columns(args),
+                                         task=args.task)))
         return
     if _is_causal(args.run):
         from .eval.gen_eval import evaluate_generation
@@ -173,7 +174,7 @@ def cmd_predict(args) -> None:
     if read_export_meta(args.run) is not None:  # an `sftlab export` folder of any format
         from .export.predict import predict_rows
 
-        rows = predict_rows(args.run, args.data, batch_size=args.batch_size, columns=_columns(args))
+        rows = predict_rows(args.run, args.data, batch_size=args.batch_size, columns=_columns(args), task=args.task)
     else:
         rows = predict_file(args.run, args.data, batch_size=args.batch_size, bf16=_bf16(args),
                             columns=_columns(args), task=args.task)

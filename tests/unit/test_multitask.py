@@ -280,3 +280,43 @@ def test_served_multitask_equals_in_memory_heads_and_refuses_unknown_tasks(tiny_
         for body, status in (({"task": "nope", "texts": ["x"]}, 404), ({"texts": ["x"]}, 422)):
             r = c.post("/v1/classify", json=body)
             assert r.status_code == status and "sent, three, reg" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("fmt", ["hf", "onnx"])
+def test_export_keeps_every_head_with_parity_per_head_and_serves(tiny_overrides, tasks, tmp_path, fmt, capsys):
+    """One export folder: the encoder once and every head; each head's exported logits == in-memory logits
+    (hf 1e-5, onnx 1e-4) and the server on the export answers per task as the run does."""
+    pytest.importorskip("onnxruntime") if fmt == "onnx" else None
+    from starlette.testclient import TestClient
+
+    from sftlab.eval.evaluate import load_trained
+    from sftlab.export import export
+    from sftlab.export.runtime import load_exported
+    from sftlab.models.multihead import active_head
+    from sftlab.serve.app import create_app
+    from sftlab.serve.settings import ServeSettings
+
+    run = _train(_multi(tiny_overrides, tasks))
+    report = export(run, fmt, tmp_path / fmt, log=lambda m: None)
+    assert set(report["parity"]["per_head"]) == {"sent", "three", "reg"}
+    assert report["parity"]["max_abs_logit_diff"] <= (1e-5 if fmt == "hf" else 1e-4)
+    model, tok, _ = load_trained(run, device=torch.device("cpu"))
+    exported = load_exported(tmp_path / fmt)
+    texts = [json.loads(x)["text"] for x in open(tasks["three"]["dev"])][:5]
+    for k, name in enumerate(tasks):
+        with torch.no_grad(), active_head(model, k):
+            ref = model(**tok(texts, padding=True, return_tensors="pt")).logits.float().numpy()
+        np.testing.assert_allclose(exported.logits(texts, task=name), ref, atol=1e-4)
+    from sftlab.cli import main
+
+    summary = json.loads((run / "summary.json").read_text())["dev_metrics"]
+    assert main(["eval", str(tmp_path / fmt), "--task", "three", "--data", tasks["three"]["dev"]]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == summary["three/accuracy"]
+    assert main(["predict", str(tmp_path / fmt), "--task", "reg", "--data", tasks["reg"]["dev"]]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 40
+    with TestClient(create_app(tmp_path / fmt, ServeSettings(precision="fp32"))) as c:
+        assert [t["name"] for t in c.get("/v1/tasks").json()["tasks"]] == ["sent", "three", "reg"]
+        got = c.post("/v1/classify", json={"task": "reg", "texts": texts}).json()["predictions"]
+        with torch.no_grad(), active_head(model, 2):
+            ref = model(**tok(texts, padding=True, return_tensors="pt")).logits[:, 0].numpy()
+        np.testing.assert_allclose([p["score"] for p in got], ref, atol=1e-4)

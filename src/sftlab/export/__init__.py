@@ -42,7 +42,7 @@ def export(run_dir, fmt: str, out=None, *, data: str | None = None, overwrite: b
 def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
     from ..artifacts import find_model_dir, run_dir_of
     from ..eval.evaluate import _data_config, load_trained
-    from .measure import compare, decoder_logits, eval_data, figures, folder_mb, samples, weights_mb
+    from .measure import compare, decoder_logits, eval_data, figures, folder_mb, samples, task_samples, weights_mb
     from .merged import check_format, fold
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -59,11 +59,15 @@ def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
 
     log(f"export {fmt}: loading {model_dir}")
     model, tokenizer, _ = load_trained(model_dir, device="cpu")
-    decoder = meta["task"] == "causal_lm"
-    edata = eval_data(model_dir, meta, data)
-    texts, pairs = samples(edata, meta)
-    ref = decoder_logits(model, tokenizer, texts) if decoder else TorchExported(meta, tokenizer, model).logits(texts,
-                                                                                                             pairs)
+    decoder, multitask = meta["task"] == "causal_lm", meta["task"] == "multitask"
+    edata = None if multitask else eval_data(model_dir, meta, data)  # (multitask: parity per head, no dev metrics)
+    groups = task_samples(model_dir, meta) if multitask else [samples(edata, meta)]
+
+    def logits_of(runtime) -> list[np.ndarray]:  # every head's columns side by side for a multitask model
+        return [runtime.logits(t, p) for t, p in groups]
+
+    texts = groups[0][0]
+    ref = [decoder_logits(model, tokenizer, texts)] if decoder else logits_of(TorchExported(meta, tokenizer, model))
     cols = _data_config(model_dir, {})
     export_meta = {k: meta.get(k) for k in ("task", "labels", "max_length", "text_pair", "template", "system_prompt",
                                             "base_model", "strategy")}
@@ -71,6 +75,10 @@ def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
                    "source_step": meta.get("step"),
                    "columns": {"text": cols.text, "text_pair": cols.text_pair, "label": cols.label,
                                "header": cols.header}}
+    if multitask:  # each task's own columns, for `eval` / `predict --task NAME` on the export
+        export_meta["task_columns"] = {
+            h["name"]: {k: getattr(c, k) for k in ("text", "text_pair", "label", "header")}
+            for h in meta["labels"] for c in [_data_config(model_dir, {}, h["name"])]}
     if fmt == "peft":
         export_meta["base_path"] = meta["base_path"]
         export_meta["keep_layers"] = meta.get("keep_layers")
@@ -94,16 +102,21 @@ def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
             info = _writer(fmt)(model, tokenizer, meta, tmp)
         _write_json(tmp / EXPORT_META, export_meta)
         loaded = load_exported(tmp)
-        got = decoder_logits(loaded.model, loaded.tokenizer, texts) if decoder else loaded.logits(texts, pairs)
-        diff = float(np.abs(got - ref).max())
+        got = [decoder_logits(loaded.model, loaded.tokenizer, texts)] if decoder else logits_of(loaded)
+        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
         tol = TOLERANCE.get(fmt)
-        where = f"{len(texts)} {'dev' if edata else 'sample'} inputs"
+        where = f"{sum(len(t) for t, _ in groups)} {'dev' if edata or multitask else 'sample'} inputs"
+        per_head = {name: max(float(np.abs(g[:, c] - r[:, c]).max()) for g, r in zip(got, ref))
+                    for name, c in loaded.columns.items()} if multitask else None
         if tol is not None and not diff <= tol:
             raise ExportError(f"--format {fmt}: parity check failed: max |logit difference| {diff:.3g} > {tol:g} "
                               f"against the run's PyTorch model on {where}; nothing was written to {out}")
         log(f"export {fmt}: parity max |logit difference| {diff:.3g} on {where}")
         report = {**info, "parity": {"max_abs_logit_diff": diff, "tolerance": tol, "inputs": where},
                   "size_mb": folder_mb(tmp)}
+        if per_head:
+            report["parity"]["per_head"] = per_head
+            log(f"export {fmt}: parity per head " + ", ".join(f"{k} {v:.3g}" for k, v in per_head.items()))
         if fmt in ("onnx", "int8"):
             log(f"export {fmt}: timing and dev metrics")
             got_fig = figures(loaded, edata)

@@ -57,6 +57,24 @@ def samples(data: EvalData | None, meta: dict, n: int = 64) -> tuple[list[str], 
     return FALLBACK, (FALLBACK[::-1] if meta.get("text_pair") else None)
 
 
+def task_samples(model_dir: Path, meta: dict, n: int = 32) -> list[tuple[list[str], list[str] | None]]:
+    """A multitask model's parity inputs: the first n dev rows of each task whose dev file resolves (its own
+    columns), else FALLBACK texts and FALLBACK pairs."""
+    from ..data.examples import load_split, resolve_path
+    from ..eval.evaluate import _data_config
+
+    cfg_file = next((c / "config.yaml" for c in (model_dir, model_dir.parent) if (c / "config.yaml").is_file()), None)
+    saved = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file else {}
+    out = []
+    for name, entry in (saved.get("tasks") or {}).items():
+        dcfg = _data_config(model_dir, {"dir": (saved.get("data") or {}).get("dir")}, name)
+        if entry.get("dev") and Path(resolve_path(dcfg, entry["dev"])).is_file():
+            split, _ = load_split(dcfg, entry["dev"], entry.get("task", "classification"), None, need_label=False)
+            ex = split.examples[:n]
+            out.append(([e.text for e in ex], [e.text_pair for e in ex] if ex[0].text_pair is not None else None))
+    return out or [(FALLBACK, None), (FALLBACK, FALLBACK[::-1])]
+
+
 def decoder_logits(model, tokenizer, texts: list[str]) -> np.ndarray:
     """Every position's logits of every text (one at a time, no padding), concatenated: [sum of lengths, vocab]."""
     device = next(model.parameters()).device

@@ -24,15 +24,20 @@ EXAMPLE = ["an example sentence, long enough to have several tokens", "a shorter
 
 
 def write_onnx(model, tokenizer, meta: dict, out: Path) -> dict:
+    from ..models.multihead import ALL, active_head
+
     model = fold(model).float().cpu().eval()
-    label_config(model, meta)
+    multitask = meta["task"] == "multitask"
+    if not multitask:  # (a multitask graph outputs every head's logits side by side: sftlab_export.json says which)
+        label_config(model, meta)
     pairs = EXAMPLE[::-1] if meta.get("text_pair") else None
     # batch 2 and two lengths: torch.export specialises a dimension whose example size is 0 or 1
     enc = dict(tokenizer(EXAMPLE, pairs, padding=True, return_tensors="pt"))
     limit = getattr(model.config, "max_position_embeddings", None)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=limit)
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9  # ONNX protobuf limit is 2 GB
-    with _quiet(), torch.inference_mode(False), torch.no_grad():
+    with _quiet(), torch.inference_mode(False), torch.no_grad(), \
+            active_head(model, ALL) if multitask else contextlib.nullcontext():
         program = torch.onnx.export(model, (), kwargs=enc, dynamo=True, opset_version=OPSET,
                                     input_names=list(enc), output_names=["logits"],
                                     dynamic_shapes={k: {0: batch, 1: seq} for k in enc}, external_data=big)

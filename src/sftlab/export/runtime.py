@@ -31,6 +31,13 @@ class Exported:
         self.labels = meta.get("labels")
         self.max_length = meta.get("max_length") or 512
         self.format = meta.get("format", "run")
+        self.heads = None  # a multitask model: every head's logits side by side, `logits(..., task=NAME)` picks one
+        if self.task == "multitask":
+            from ..models.multihead import columns
+            from ..tasks.multitask import Head
+
+            self.heads = [Head.from_json(h) for h in meta["labels"]]
+            self.columns = columns(self.heads)
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """The training tokenization: longest-first truncation to max_length, padded to the batch's longest."""
@@ -38,7 +45,9 @@ class Exported:
                              return_tensors="np")
         return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
 
-    def logits(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+    def logits(self, texts: list[str], pairs: list[str] | None = None, task: str | None = None) -> np.ndarray:
+        if self.heads is not None and task is not None:
+            return self.logits(texts, pairs)[:, self.columns[task]]
         texts = list(texts)
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
@@ -52,7 +61,9 @@ class Exported:
                 out = np.empty((len(texts), part.shape[1]), np.float32)
             out[idx] = part
         if out is None:  # no texts
-            out = np.zeros((0, 1 if self.task == "regression" else len(self.labels or [0])), np.float32)
+            width = (max(c.stop for c in self.columns.values()) if self.heads else
+                     1 if self.task == "regression" else len(self.labels or [0]))
+            out = np.zeros((0, width), np.float32)
         return out
 
     def _forward(self, enc: dict[str, np.ndarray]) -> np.ndarray:
@@ -67,8 +78,13 @@ class TorchExported(Exported):
 
     @torch.inference_mode()
     def _forward(self, enc):
+        import contextlib
+
+        from ..models.multihead import ALL, active_head
+
         batch = {k: torch.from_numpy(v).to(self.device) for k, v in enc.items()}
-        return self.model(**batch).logits.float().cpu().numpy()
+        with active_head(self.model, ALL) if self.heads else contextlib.nullcontext():
+            return self.model(**batch).logits.float().cpu().numpy()
 
 
 class OrtExported(Exported):
@@ -145,6 +161,11 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
                     model = PeftModel.from_pretrained(adapter_base(auto, meta), p)
             else:
                 model = auto.from_pretrained(p)
+                if meta["task"] == "multitask":  # the heads behind their switch, from the folder's weights
+                    from ..eval.evaluate import _heads
+                    from ..models.multihead import install_heads
+
+                    install_heads(model, _heads(meta), p)
         model.to(device or "cpu")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 
+ALL = -1  # active = ALL: every head on the one encoder pass, outputs side by side (exported graphs: one pass, any task)
+
+
 class HeadSwitch(nn.Module):
     def __init__(self, heads: dict[str, nn.Module]):
         super().__init__()
@@ -29,7 +32,18 @@ class HeadSwitch(nn.Module):
         self.active = 0
 
     def forward(self, *args, **kwargs):
+        if self.active == ALL:
+            return torch.cat([head(*args, **kwargs) for head in self.heads.values()], -1)
         return self.heads[self.names[self.active]](*args, **kwargs)
+
+
+def columns(heads) -> dict[str, slice]:
+    """Each head's columns in the ALL output: classes, or 1 for regression, in head order."""
+    out, at = {}, 0
+    for h in heads:
+        n = 1 if h.kind == "regression" else len(h.labels)
+        out[h.name], at = slice(at, at + n), at + n
+    return out
 
 
 def _head_name(model: nn.Module) -> str:

@@ -99,6 +99,11 @@ def _from_hf_folder(p: Path, meta: dict, **kw):
 
     with loading(p):  # truncated or corrupt files: one line, not a safetensors traceback
         model = auto.from_pretrained(p)
+        if meta["task"] == "multitask":
+            from ..eval.evaluate import _heads
+            from ..models.multihead import install_heads
+
+            install_heads(model, _heads(meta), p)
         tokenizer = AutoTokenizer.from_pretrained(p)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,6 +121,8 @@ def _from_runtime(p: Path, meta: dict, *, threads: int | None = None, **kw):
     if isinstance(model, torch.nn.Module):  # peft (and decoders): the torch model, batched and autocast here
         return _wrap(model, exported.tokenizer, meta, name=_name(p), fmt=meta["format"], **kw)
     if hasattr(exported, "logits"):  # onnx / int8: the runtime's own logits over texts (it sorts and batches)
+        if meta["task"] == "multitask":
+            return MultiClassifier(exported.logits, None, meta, name=_name(p), fmt=meta["format"])
         return Classifier(exported.logits, getattr(exported, "meta", meta), name=_name(p), fmt=meta["format"])
     raise SftlabError(f"{p}: load_exported returned neither .logits nor a torch .model; cannot serve it")
 
@@ -255,21 +262,25 @@ class MultiClassifier:
 
     kind, task = "classify", "multitask"
 
-    def __init__(self, logits: "TorchLogits", model, meta: dict, *, name: str = "model", fmt: str = "hf"):
+    def __init__(self, logits: Callable, model, meta: dict, *, name: str = "model", fmt: str = "hf"):
+        """`logits(texts, pairs)`: a TorchLogits over `model` (a head is chosen per call by its switch), or, with
+        `model` None, an exported runtime's `.logits`, which takes task=NAME (every head in one graph)."""
         from ..models.multihead import active_head
         from ..tasks.multitask import Head
 
         self.meta, self.name, self.format = meta, name, fmt
         self.heads = [Head.from_json(h) for h in meta["labels"]]
 
-        def on_head(k):
+        def on_head(k, head_name):
             def fn(texts, pairs=None):
+                if model is None:
+                    return logits(texts, pairs, task=head_name)
                 with active_head(model, k):  # (one inference thread: no other call sees the switch turned)
                     return logits(texts, pairs)
             return fn
 
-        self.tasks = {h.name: Classifier(on_head(k), {"task": h.kind, "labels": h.labels}, name=name, fmt=fmt)
-                      for k, h in enumerate(self.heads)}
+        self.tasks = {h.name: Classifier(on_head(k, h.name), {"task": h.kind, "labels": h.labels}, name=name,
+                                         fmt=fmt) for k, h in enumerate(self.heads)}
 
     def describe(self) -> list[dict]:
         return [{"name": h.name, "task": h.kind, "labels": h.labels} for h in self.heads]
