@@ -117,8 +117,12 @@ def test_each_head_dev_metric_equals_that_head_alone_and_logs_per_task(tiny_over
                                               pad_id=tok.pad_token_id, device=torch.device("cpu"), bf16=False)
         for metric in ("mse",) if h.kind == "regression" else ("accuracy", "loss"):  # (a near-constant tiny head's
             assert alone[metric] == pytest.approx(summary[f"{h.name}/{metric}"], rel=1e-5)  # Pearson is all noise)
-    dev_rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"split": "dev"' in x]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    dev_rows = [r for r in rows if r.get("split") == "dev"]
     assert dev_rows and all("three/accuracy" in r for r in dev_rows)
+    train_rows = [r for r in rows if "loss" in r and "split" not in r]  # each task's own mean training loss
+    assert any({"loss/sent", "loss/three", "loss/reg"} <= set(r) for r in train_rows)
+    assert not any(k.startswith("loss/units") or k.startswith("units") for r in train_rows for k in r)
 
 
 def test_resume_mid_run_equals_uninterrupted(tiny_overrides, tasks, tmp_path, monkeypatch):

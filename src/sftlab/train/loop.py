@@ -327,7 +327,11 @@ def fit(run: Run, on_eval=None) -> str | None:
                 if t.max_grad_norm:
                     record["grad_norm"] = float(grad_norm)
                 for name, part in window.parts.items():  # per-part losses on the loss's scale (torchtune's KD recipe)
-                    record[f"loss/{name}"] = float(part) / max(1, window.units / acc.num_processes)
+                    if name.startswith("task/"):  # a multitask run: that task's mean over its own steps
+                        n = float(window.parts[f"units/{name[5:]}"])
+                        record[f"loss/{name[5:]}"] = float(part) / max(1, n / acc.num_processes)
+                    elif not name.startswith("units/"):
+                        record[f"loss/{name}"] = float(part) / max(1, window.units / acc.num_processes)
                 write(run, record)
                 state.last_loss = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
@@ -387,6 +391,11 @@ def step_update(run: Run, step_batch: list[int], window: Window) -> tuple[torch.
         for name, part in step_parts.items():
             window.parts[name] = window.parts.get(name, 0) + part
         window.units += units["train"]
+        if run.mixture:  # multitask: each task's own mean loss in the log line (loss/NAME; units/NAME not logged)
+            name = run.train_data.heads[run.train_data.task_of(step_batch[0])].name
+            window.parts[f"task/{name}"] = window.parts.get(f"task/{name}", 0) + step_loss.detach().float()
+            window.parts[f"units/{name}"] = window.parts.get(f"units/{name}", 0) + torch.tensor(
+                float(units["train"]), device=step_loss.device)
         state.bad_steps = 0
     else:
         state.bad_steps += 1
