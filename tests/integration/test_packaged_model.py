@@ -85,3 +85,26 @@ def test_glue_sentence_pair_regression_trains(tmp_path):
            "data.limit_dev=200", "train.epochs=2", "train.batch_size=16", "train.progress=false", f"output_dir={out}")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dev_metrics"]["pearson"] > 0.6
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data not present")
+def test_glue_multitask_config_reads_every_task_and_trains(tmp_path):
+    """configs/glue/multitask.yaml: data check counts every task's rows; a small slice of it trains on minilm-l6
+    and `eval --task` of a head reproduces its dev figure."""
+    proc = sftlab("data", "check", "configs/glue/multitask.yaml", f"data.dir={SHARED_DATA}", "--json")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {k: v["rows"] for k, v in report.items() if k.endswith("/train")}
+    assert rows == {"sst2/train": 67349, "cola/train": 8551, "mrpc/train": 3667, "rte/train": 2490,
+                    "stsb/train": 5749}
+    assert abs(sum(report["mixture"]["share"].values()) - 1) < 1e-6
+    out = tmp_path / "mt"
+    limits = [f"tasks.{t}.{k}={n}" for t in ("sst2", "cola", "mrpc", "rte", "stsb")
+              for k, n in (("limit_train", 96), ("limit_dev", 64))]
+    sftlab("train", "configs/glue/multitask.yaml", f"data.dir={SHARED_DATA}", *limits, "data.max_length=128",
+           "train.epochs=1", "train.batch_size=16", "train.eval_every=null", "train.progress=false",
+           f"output_dir={out}")
+    dev = json.loads((out / "summary.json").read_text())["dev_metrics"]
+    assert {"sst2/accuracy", "cola/mcc", "mrpc/accuracy", "rte/accuracy", "stsb/pearson", "mean"} <= set(dev)
+    proc = sftlab("eval", str(out), "--task", "stsb", "--data", str(SHARED_DATA / "glue/stsb/dev.tsv"), "--fp32")
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scores["examples"] == 1500  # (the whole dev file; training scored its first 64 rows)

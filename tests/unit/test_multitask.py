@@ -324,3 +324,16 @@ def test_export_keeps_every_head_with_parity_per_head_and_serves(tiny_overrides,
         with torch.no_grad(), active_head(model, 2):
             ref = model(**tok(texts, padding=True, return_tensors="pt")).logits[:, 0].numpy()
         np.testing.assert_allclose([p["score"] for p in got], ref, atol=1e-4)
+
+
+def test_heads_install_whatever_the_process_seed(tiny_model_dir):
+    """An unseeded process (eval, serve) may hold any 64-bit initial seed: the heads still build."""
+    from sftlab.models.multihead import install_heads, switches
+    from sftlab.models import load_model
+    from sftlab.tasks.multitask import Head
+
+    heads = [Head("a", "classification", ["x", "y"]), Head("b", "regression", None)]
+    model = load_model(str(tiny_model_dir), "classification", ["x", "y"])
+    torch.manual_seed(2**64 - 1)
+    install_heads(model, heads)
+    assert switches(model)[0].heads["b"].weight.shape[0] == 1

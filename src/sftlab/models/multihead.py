@@ -88,7 +88,8 @@ def install_heads(model: nn.Module, heads, folder: str | Path | None = None) -> 
     modules = {}
     for k, h in enumerate(heads):
         outputs = 1 if h.kind == "regression" else len(h.labels)
-        modules[h.name] = first if k == 0 else _sized(first, outputs, std, seed * 1009 + k)
+        # (the generator takes a signed 64-bit seed; an unseeded process's initial seed can be any 64-bit value)
+        modules[h.name] = first if k == 0 else _sized(first, outputs, std, (seed * 1009 + k) % 2**63)
     switch = HeadSwitch(modules)
     setattr(model, name, switch)
     weights = Path(folder) / "model.safetensors" if folder else None
