@@ -85,3 +85,28 @@ def test_two_processes_equal_one_when_distilling(tiny_overrides, wide_model_dir,
                   for d in (two, one))
         assert ea.keys() == {"hidden_proj.weight", "hidden_proj.bias"}
         assert max((ea[k] - eb[k]).abs().max().item() for k in ea) <= 1e-5
+
+
+def test_two_processes_equal_one_multitask(tiny_overrides, toy_data, tmp_path):
+    """task: multitask under torchrun: every rank draws the same task per step (a pure function of seed and step),
+    the other heads take no part, and the weights equal one process's."""
+    import json
+
+    rows = [{"text": r["text"], "score": float(r["label"] == "positive")} for r in __import__(
+        "tests.conftest", fromlist=["make_rows"]).make_rows(40, seed=8)]
+    reg = tmp_path / "reg.jsonl"
+    reg.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = {"sent": {"train": toy_data["train"], "dev": toy_data["dev"]},
+             "reg": {"task": "regression", "train": str(reg), "label": "score"}}
+    common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size", "data.train",
+                                                             "data.dev"))]
+    common += ["train.epochs=1", "task=multitask", f"tasks={json.dumps(tasks)}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    two, one = tmp_path / "ddp", tmp_path / "single"
+    for argv, out in ((LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4"], two),
+                      (["-m", "sftlab", "train", "-", *common, "train.batch_size=8"], one)):
+        proc = subprocess.run([sys.executable, *argv, f"output_dir={out}"], env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    wa, wb = ckpt(two), ckpt(one)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
@@ -135,7 +135,10 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     bf16 = resolve_precision(t.precision)
     if t.precision == "auto" and PartialState(cpu=cpu).num_processes > 1:  # every rank takes rank 0's measurement
         bf16 = bool(broadcast_object_list([bf16])[0])
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
+    # multitask: a step trains one task's head, so the other heads take no part in its graph; DDP must look for them
+    # (their gradients stay None, as in one process, so "2 processes == 1" holds: tests/unit/test_ddp.py)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.task == "multitask" else []
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu, kwargs_handlers=handlers)
     main = acc.is_main_process
     if t.auto_batch_size and acc.num_processes > 1:
         raise ConfigError("train.auto_batch_size works in one process (an out-of-memory retry on one rank would "
