@@ -30,8 +30,8 @@ step cpt $CFG "${TEXT[@]}" train.epochs=1
 step sst2-base $CFG
 step sst2-adapted $CFG model.name="$OUT/cpt/best"
 for run in sst2-base sst2-adapted; do
-  [ -f "$OUT/$run/label-accuracy.json" ] || "$SFTLAB" eval "$OUT/$run" --config $CFG --labels positive,negative \
-    | tail -1 > "$OUT/$run/label-accuracy.json"
+  [ -s "$OUT/$run/label-accuracy.json" ] || { "$SFTLAB" eval "$OUT/$run" --config $CFG --data glue/sst2/dev.tsv \
+    --labels positive,negative | tail -1 > "$OUT/$run/.acc.tmp" && mv "$OUT/$run/.acc.tmp" "$OUT/$run/label-accuracy.json"; }
 done
 .venv/bin/python - "$OUT" <<'EOF'
 import json, sys
@@ -40,8 +40,8 @@ out = Path(sys.argv[1])
 dev = lambda run: json.loads((out / run / "summary.json").read_text())["dev_metrics"]  # noqa: E731
 acc = lambda run: json.loads((out / run / "label-accuracy.json").read_text())  # noqa: E731
 print("| model | review dev perplexity | SST-2 dev label accuracy (LoRA on 2,000 labels) |\n|---|---:|---:|")
-print(f"| smollm2-135m-instruct | {dev('cpt-before')['perplexity']:.2f} | {acc('sst2-base')['accuracy']:.4f} |")
-print(f"| + continued pre-training on reviews | {dev('cpt')['perplexity']:.2f} | {acc('sst2-adapted')['accuracy']:.4f} |")
+print(f"| smollm2-135m-instruct | {dev('cpt-before')['perplexity']:.2f} | {acc('sst2-base')['label_accuracy']:.4f} |")
+print(f"| + continued pre-training on reviews | {dev('cpt')['perplexity']:.2f} | {acc('sst2-adapted')['label_accuracy']:.4f} |")
 print(json.dumps({"perplexity": {"before": dev("cpt-before"), "after": dev("cpt")},
                   "label_accuracy": {"base": acc("sst2-base"), "adapted": acc("sst2-adapted")}}))
 EOF
