@@ -90,8 +90,8 @@ def check_space(search, raw: dict) -> dict:
     if direction != want:
         raise ConfigError(f"search.direction: {direction!r} does not fit metric {metric} (training keeps the "
                           f"checkpoint that {want}s it); remove search.direction or set it to {want}")
-    if base.data.dev is None:
-        raise ConfigError("sftlab tune scores trials on dev data: set data.dev")
+    if base.data.dev is None and not (base.tasks and any(e.dev for e in base.tasks.values())):
+        raise ConfigError("sftlab tune scores trials on dev data: set data.dev (task multitask: tasks.NAME.dev)")
     for key, spec in space.items():
         where = f"search.space.{key}"
         if not isinstance(spec, dict):

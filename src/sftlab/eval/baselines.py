@@ -130,6 +130,9 @@ def run_baselines(run: str, data: str, *, batch_size: int = 128, bf16: bool = Tr
     if run_dir is None:
         raise RunDirError(f"{run}: --baselines needs a run directory (with config.yaml and best/)")
     cfg = load_config(str(run_dir / "config.yaml"), [])
+    if cfg.task == "multitask":
+        raise RunDirError(f"{run}: --baselines compares one task's model; for a multitask run compare each task's "
+                          "single-task run (benchmarks/glue_multitask.py does)")
     meta = json.loads((run_dir / "best" / "sftlab.json").read_text())
     out_file = run_dir / "baselines.json"
     table = json.loads(out_file.read_text()) if out_file.is_file() else {}
