@@ -34,6 +34,15 @@ LAUNCHERS = {
 }
 
 
+def train_two_and_one(common: list[str], env: dict, two, one) -> None:
+    """`common` under torchrun with 2 processes x batch 4 into `two`, and in one process x batch 8 into `one`."""
+    for argv, out in ((LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4"], two),
+                      (["-m", "sftlab", "train", "-", *common, "train.batch_size=8"], one)):
+        proc = subprocess.run([sys.executable, *argv, f"output_dir={out}"], env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_equal_one(tiny_overrides, tmp_path, launcher):
     common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + ["train.epochs=1"]
@@ -73,11 +82,7 @@ def test_two_processes_equal_one_when_distilling(tiny_overrides, wide_model_dir,
         common += ["objective.attention_weight=1", "objective.hidden_weight=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SFTLAB_CACHE=str(tmp_path / "cache"))
     two, one = tmp_path / "ddp", tmp_path / "single"
-    for argv, out in ((LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4"], two),
-                      (["-m", "sftlab", "train", "-", *common, "train.batch_size=8"], one)):
-        proc = subprocess.run([sys.executable, *argv, f"output_dir={out}"], env=env, capture_output=True, text=True,
-                              timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    train_two_and_one(common, env, two, one)
     wa, wb = ckpt(two), ckpt(one)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
     if terms == "internals":
@@ -103,10 +108,6 @@ def test_two_processes_equal_one_multitask(tiny_overrides, toy_data, tmp_path):
     common += ["train.epochs=1", "task=multitask", f"tasks={json.dumps(tasks)}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     two, one = tmp_path / "ddp", tmp_path / "single"
-    for argv, out in ((LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4"], two),
-                      (["-m", "sftlab", "train", "-", *common, "train.batch_size=8"], one)):
-        proc = subprocess.run([sys.executable, *argv, f"output_dir={out}"], env=env, capture_output=True, text=True,
-                              timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    train_two_and_one(common, env, two, one)
     wa, wb = ckpt(two), ckpt(one)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
