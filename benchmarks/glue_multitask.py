@@ -1,14 +1,15 @@
 """Issue 18's measurement: the five GLUE tasks on minilm-l6, single-task vs multi-task vs multi-task then fine-tuned.
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/glue_multitask.py [--out runs/glue-mt] [--seeds 0,1,2]
-        [--only single,multi,finetune] [--results FILE]
+        [--only single,multi,finetune] [--results FILE] [key=value ...]
 
 single    configs/glue/TASK.yaml as it is, one run per seed (SST-2: the first seed only, the issue asks 3 for the
           four small tasks)
 multi     configs/glue/multitask.yaml once (seed 0): every task's dev figures from its best checkpoint (`mean`)
 finetune  configs/glue/TASK.yaml from the multi-task run's encoder and that task's head
           (model.name=OUT/multi/best model.head_from=TASK), one run per seed
-Every run is a child `sftlab train`; finished runs (summary.json) are reused, so the script resumes where it stopped.
+Trailing key=value overrides go to every run (a smoke test: train.max_steps=3 data.limit_dev=40); they become part
+of each results key, so a smoke run never passes for the real one. Every run is a child `sftlab train`; finished runs (summary.json) are reused, so the script resumes where it stopped.
 `--results FILE` keeps each run's dev figures in a JSON file across sessions (runs/ is scratch). Prints a table per
 task (mean over seeds and the spread max - min), the GLUE-style average of primary metrics per setting (MRPC: mean
 of accuracy and F1; STS-B: mean of Pearson and Spearman), and the JSON of every figure last.
@@ -36,7 +37,8 @@ def train(out: Path, config: str, overrides: list[str]) -> dict:
         if (out / "config.yaml").is_file():
             cmd.append(f"--resume={out}")
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())["dev_metrics"]
+    summary = json.loads((out / "summary.json").read_text())
+    return {**summary["dev_metrics"], "precision": summary.get("precision")}  # sessions' machines differ
 
 
 def binary_f1(run: Path, task: str, data: str) -> float:
@@ -56,7 +58,7 @@ def binary_f1(run: Path, task: str, data: str) -> float:
 
 
 def figures(run: Path, task: str, dev: dict, prefix: str = "") -> dict:
-    out = {m: dev[f"{prefix}{m}"] for m in METRICS[task] if m != "f1"}
+    out = {m: dev[f"{prefix}{m}"] for m in METRICS[task] if m != "f1"} | {"precision": dev.get("precision")}
     if task == "mrpc":
         out["f1"] = binary_f1(run, prefix.rstrip("/"), "glue/mrpc/dev.tsv")
     return out
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default="single,multi,finetune")
     ap.add_argument("--results", help="JSON file of every run's figures, read and extended")
+    ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args()
     if not os.environ.get("SFTLAB_DATA_DIR"):
         sys.exit("set SFTLAB_DATA_DIR to the folder holding glue/ (e.g. ../shared/data)")
@@ -75,7 +78,10 @@ def main() -> None:
     results = Path(args.results) if args.results else None
     known = json.loads(results.read_text()) if results and results.is_file() else {}
 
+    extra = args.overrides
+
     def record(key: str, fn) -> dict:
+        key = f"{key} {' '.join(extra)}".strip()
         if key not in known:
             print(key, file=sys.stderr, flush=True)
             known[key] = fn()
@@ -90,10 +96,11 @@ def main() -> None:
                 run = out / "single" / f"{task}-{seed}"
                 table[task].setdefault("single", []).append(record(
                     f"single {task} seed={seed}",
-                    lambda: figures(run, task, train(run, f"configs/glue/{task}.yaml", [f"train.seed={seed}"]))))
+                    lambda: figures(run, task, train(run, f"configs/glue/{task}.yaml",
+                                                     [f"train.seed={seed}", *extra]))))
     if "multi" in only or "finetune" in only:
         mt = out / "multi"
-        dev = record("multi seed=0", lambda: train(mt, "configs/glue/multitask.yaml", []))
+        dev = record("multi seed=0", lambda: train(mt, "configs/glue/multitask.yaml", extra))
         for task in TASKS:
             if "multi" in only:
                 table[task]["multi"] = [record(f"multi {task}", lambda: figures(mt, task, dev, f"{task}/"))]
@@ -103,7 +110,7 @@ def main() -> None:
                     table[task].setdefault("finetune", []).append(record(
                         f"finetune {task} seed={seed}",
                         lambda: figures(run, task, train(run, f"configs/glue/{task}.yaml", [
-                            f"train.seed={seed}", f"model.name={mt / 'best'}", f"model.head_from={task}"]))))
+                            f"train.seed={seed}", f"model.name={mt / 'best'}", f"model.head_from={task}", *extra]))))
 
     settings = [s for s in ("single", "multi", "finetune") if any(s in table[t] for t in TASKS)]
     print("| task | metric | " + " | ".join(f"{s} (spread)" for s in settings) + " |")
