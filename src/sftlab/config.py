@@ -126,10 +126,18 @@ class DataConfig(_Section):
     """masked_lm: fraction of non-special tokens chosen per epoch (80% masked, 10% random, 10% kept)."""
     whole_word_mask: bool = False
     """masked_lm: choose whole words (every piece of a chosen word) instead of single tokens."""
+    k_shot: int | None = None
+    """Few-shot protocol (classification): train on exactly K rows per class of data.train, drawn by k_shot_seed;
+    the K-shot rows of a seed are inside its 2K-shot rows (docs/fewshot.md). null: every row."""
+    k_shot_seed: int = 0
+    """Which K-shot sample: a pure function of (seed, class), independent of train.seed."""
+    k_shot_dev: int | None = None
+    """A "true few-shot" dev set: K rows per class from data.train, never in any K-shot sample of the same seed,
+    used instead of data.dev (which must then be unset; put the full dev file in data.test to score it once)."""
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("limit_train", "limit_dev", "limit_unlabelled"):
+        for key in ("limit_train", "limit_dev", "limit_unlabelled", "k_shot", "k_shot_dev"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ValueError(f"data.{key} must be >= 1 (or null for all rows), got {v}")
@@ -471,6 +479,12 @@ class RunConfig(_Section):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if (self.data.prompt is None) != (self.data.completion is None):
             raise ValueError("data.prompt and data.completion go together: set both (or neither)")
+        if self.data.k_shot is not None and self.task != "classification":
+            raise ValueError(f"data.k_shot draws K rows per class, for task classification, not {self.task}; use "
+                             "data.limit_train to take the first N rows")
+        if self.data.k_shot_dev is not None and (self.data.k_shot is None or self.data.dev is not None):
+            raise ValueError("data.k_shot_dev draws the dev set from data.train beside a data.k_shot sample: set "
+                             "data.k_shot, and unset data.dev (move it to data.test to score it once at the end)")
         if self.data.unlabelled is not None and (self.objective.name not in UNLABELLED_OBJECTIVES
                                                  or self.task not in ("classification", "regression")):
             # Decoders: a prompt without a completion has no loss positions for token-level KD; learning from

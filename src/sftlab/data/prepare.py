@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..config import RunConfig
 from ..errors import DataError
 from .batches import Encoded, encode
-from .examples import LabelMap, Split, load_split
+from .examples import LabelMap, Split, load_split, resolve_path
+from .kshot import take_k_shot
 
 
 @dataclass
@@ -72,28 +74,46 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
             continue
         cols = d.model_copy(update=d.dev_columns) if d.dev_columns and name != "train" else d
         split, out.labels = load_split(cols, path, cfg.task, out.labels, limit=limits[name])
+        if name == "train" and d.k_shot:
+            split, dev = take_k_shot(split, out.labels.names, d.k_shot, d.k_shot_seed, d.k_shot_dev)
+            if dev is not None and "dev" in splits:
+                out.splits["dev"], out.encoded["dev"] = dev, encode(tokenizer, dev.examples, d.max_length)
         out.splits[name] = split
         out.encoded[name] = encode(tokenizer, split.examples, d.max_length)
     if d.unlabelled is not None and "train" in splits:  # labels ignored: the teacher provides the targets
-        out.splits["unlabelled"] = split = _unlabelled(d, cfg.task)
+        out.splits["unlabelled"] = split = _unlabelled(d, cfg.task, out.splits)
         out.encoded["unlabelled"] = encode(tokenizer, split.examples, d.max_length)
     return out
 
 
-def _unlabelled(d, task: str) -> Split:
-    """The unlabelled files as one split, in file order, read through their own text column when one is given."""
+def _unlabelled(d, task: str, labelled: dict[str, Split]) -> Split:
+    """The unlabelled files as one split, in file order, read through their own text column when one is given.
+
+    The training file named as unlabelled text (semi-supervised: few labels, the rest of the file as text) gives its
+    rows that are not in the train split or a dev split drawn from it (data.limit_train, data.k_shot)."""
     files = [d.unlabelled] if isinstance(d.unlabelled, str) else list(d.unlabelled)
     cols = d if d.unlabelled_text is None else d.model_copy(update={"text": d.unlabelled_text})
+    train_file = Path(resolve_path(d, d.train)).resolve() if d.train else None
+    drawn = ("train", "dev") if d.k_shot_dev else ("train",)  # the splits read from the training file
+    taken = {e.line for name in drawn if name in labelled for e in labelled[name].examples}
     out = None
     for path in files:
         left = None if d.limit_unlabelled is None else d.limit_unlabelled - (len(out.examples) if out else 0)
         if left == 0:
             break
+        same = train_file is not None and Path(resolve_path(d, path)).resolve() == train_file
         try:
-            split, _ = load_split(cols, path, task, None, limit=left, need_label=False)
+            split, _ = load_split(cols, path, task, None, limit=None if same else left, need_label=False)
         except DataError as e:
             hint = "; name the unlabelled files' text column with data.unlabelled_text" if "no column" in str(e) else ""
             raise DataError(f"{e}{hint}") from None
+        if same:
+            kept = [e for e in split.examples if e.line not in taken]
+            split = Split(f"{split.source} (minus its {len(split.examples) - len(kept)} labelled rows)",
+                          kept[:left] if left is not None else kept, split.skipped)
+            if not split.examples:
+                raise DataError(f"data.unlabelled: {path} is the training file and every row of it is labelled; "
+                                "name other text, or take fewer labelled rows (data.k_shot, data.limit_train)")
         if out is None:
             out = split
         else:
