@@ -44,12 +44,36 @@ def cmd_compare(args) -> None:
     if len(set(names)) != len(names):
         raise SftlabError(f"--strategies {args.strategies}: a strategy is listed twice")
     out = Path(args.out or f"runs/compare-{Path(args.config).stem if args.config != '-' else 'overrides'}")
-    rows = compare(_config_path(args.config), names, args.overrides, args.set or [], out, resume=args.resume)
+    rows = compare(_config_path(args.config), names, args.overrides, args.set or [], out, resume=args.resume,
+                   workers=_workers(args.workers))
     print(markdown(rows))
     print(f"table: {out / 'compare.md'} and {out / 'compare.json'}; runs under {out}/<strategy>/", file=sys.stderr)
-    failed = [r["strategy"] for r in rows if "error" in r]
+    failed = [r["name"] for r in rows if "error" in r]
     if failed:
         raise SftlabError(f"{', '.join(failed)} failed; see the log above and their run directories under {out}")
+
+
+def cmd_sweep(args) -> None:
+    from pathlib import Path
+
+    from .sweep import markdown, sweep
+
+    out = Path(args.out or f"runs/sweep-{Path(args.config).stem if args.config != '-' else 'overrides'}")
+    mean_over = None if args.mean_over is None else [k for k in args.mean_over.split(",") if k]
+    result = sweep(_config_path(args.config), args.over, args.overrides, out, resume=args.resume,
+                   workers=_workers(args.workers), mean_over=mean_over)
+    print(markdown(result["settings"], result["keys"]))
+    print(f"table: {out / 'sweep.md'} and {out / 'sweep.json'}; runs under {out}/", file=sys.stderr)
+    failed = [r["name"] for r in result["rows"] if "error" in r]
+    if failed:
+        raise SftlabError(f"{len(failed)} run(s) failed ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''}); "
+                          f"see the log above and their run directories under {out}")
+
+
+def _workers(n: int) -> int:
+    if n < 1:
+        raise SftlabError(f"--workers {n}: must be >= 1")
+    return n
 
 
 def cmd_tune(args) -> None:
@@ -362,7 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an override for one strategy only, e.g. --set lora:train.lr=5e-4 (repeatable)")
     m.add_argument("--out", help="folder for the runs and the table (default runs/compare-<config>)")
     m.add_argument("--resume", action="store_true", help="reuse finished strategies in --out, resume the others")
+    m.add_argument("--workers", type=int, default=1, help="runs at a time (the cores are shared between them)")
     m.set_defaults(fn=cmd_compare)
+
+    w = sub.add_parser("sweep", help="train every combination of --over values (e.g. k-shot sizes x seeds); prints "
+                                     "a table of mean ± std per setting")
+    w.add_argument("config", help="YAML config, or - for overrides only")
+    w.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+    w.add_argument("--over", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="a key and its values (repeatable; every combination runs)")
+    w.add_argument("--mean-over", metavar="KEYS", help="comma-separated --over keys averaged over (default: the keys "
+                                                       "ending in seed, e.g. data.k_shot_seed, train.seed)")
+    w.add_argument("--out", help="folder for the runs and the table (default runs/sweep-<config>)")
+    w.add_argument("--resume", action="store_true", help="reuse finished runs in --out, resume the others")
+    w.add_argument("--workers", type=int, default=1, help="runs at a time (the cores are shared between them)")
+    w.set_defaults(fn=cmd_sweep)
 
     u = sub.add_parser("tune", help="hyper-parameter search (Optuna); prints the best config's YAML path last")
     u.add_argument("config", help="YAML config with a search: section (or give --space), or - for overrides only")
