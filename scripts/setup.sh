@@ -32,3 +32,13 @@ if ! ldconfig -p 2>/dev/null | grep -q libjemalloc; then
     echo "note: no libjemalloc found; training uses the system allocator (apt-get install libjemalloc2)" >&2
   fi
 fi
+# WordNet 3.0 (data.augment eda's synonyms): Debian's wordnet-base holds the database files nltk's reader opens.
+if [ ! -f /usr/share/wordnet/data.noun ] && [ -z "${SFTLAB_WORDNET:-}" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null 2>&1 || \
+     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        wordnet-base >/dev/null 2>&1)) || echo "note: wordnet-base not installed; data.augment eda needs it" >&2
+  else
+    echo "note: no WordNet database; data.augment eda needs it (apt-get install wordnet-base)" >&2
+  fi
+fi

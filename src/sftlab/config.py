@@ -48,6 +48,44 @@ class ModelConfig(_Section):
 UNLABELLED_OBJECTIVES = ("distill", "mmd", "dann", "udalm")  # objectives that read data.unlabelled
 
 
+class AugmentConfig(_Section):
+    """data.augment: new training rows made from each labelled row (data/eda.py), a pure function of (seed, row,
+    copy). LM-written examples are a file instead: `sftlab data augment CONFIG --method lm` (docs/fewshot.md)."""
+
+    name: str = "eda"
+    """eda: synonym replacement, random insertion, swap and deletion (Wei & Zou 2019; WordNet from wordnet-base)."""
+    copies: int = 4
+    """Edited copies per row, added to the row itself (the paper: 16 below 500 rows per class, 4 above)."""
+    alpha: float = 0.1
+    """The rate of every operation unless set one by one below (fraction of words changed; 0.1 is the paper's)."""
+    alpha_sr: float | None = None
+    """Synonym replacement rate (default alpha)."""
+    alpha_ri: float | None = None
+    """Random insertion rate (default alpha)."""
+    alpha_rs: float | None = None
+    """Random swap rate (default alpha)."""
+    p_rd: float | None = None
+    """Random deletion probability per word (default alpha)."""
+    seed: int = 0
+    """Which edits: with the row's file line and the copy number, the whole of their randomness."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name != "eda":
+            raise ValueError(f"data.augment.name: unknown augmenter {self.name!r}; available: eda (LM-written rows "
+                             "come from `sftlab data augment CONFIG --method lm`, trained on as a file)")
+        if self.copies < 1:
+            raise ValueError(f"data.augment.copies must be >= 1, got {self.copies}")
+        for key in ("alpha", "alpha_sr", "alpha_ri", "alpha_rs", "p_rd"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v <= 1:
+                raise ValueError(f"data.augment.{key} must be in [0, 1], got {v}")
+        for key in ("alpha_sr", "alpha_ri", "alpha_rs", "p_rd"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, self.alpha)
+        return self
+
+
 class DataConfig(_Section):
     dir: str | None = None
     """Base folder for relative train/dev/test paths (env `SFTLAB_DATA_DIR` is used when this is unset)."""
@@ -126,6 +164,9 @@ class DataConfig(_Section):
     """masked_lm: fraction of non-special tokens chosen per epoch (80% masked, 10% random, 10% kept)."""
     whole_word_mask: bool = False
     """masked_lm: choose whole words (every piece of a chosen word) instead of single tokens."""
+    augment: AugmentConfig | None = None
+    """New training rows from each labelled row (after k_shot), e.g. {name: eda, copies: 4, alpha: 0.1}; the dev and
+    test sets are never augmented."""
     k_shot: int | None = None
     """Few-shot protocol (classification): train on exactly K rows per class of data.train, drawn by k_shot_seed;
     the K-shot rows of a seed are inside its 2K-shot rows (docs/fewshot.md). null: every row."""
@@ -479,6 +520,9 @@ class RunConfig(_Section):
             raise ValueError("train.early_stopping_patience needs data.dev to measure improvement")
         if (self.data.prompt is None) != (self.data.completion is None):
             raise ValueError("data.prompt and data.completion go together: set both (or neither)")
+        if self.data.augment is not None and self.task not in ("classification", "regression"):
+            raise ValueError(f"data.augment edits labelled rows of task classification or regression, not {self.task}; "
+                             "remove it")
         if self.data.k_shot is not None and self.task != "classification":
             raise ValueError(f"data.k_shot draws K rows per class, for task classification, not {self.task}; use "
                              "data.limit_train to take the first N rows")

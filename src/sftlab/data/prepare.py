@@ -78,6 +78,12 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
             split, dev = take_k_shot(split, out.labels.names, d.k_shot, d.k_shot_seed, d.k_shot_dev)
             if dev is not None and "dev" in splits:
                 out.splits["dev"], out.encoded["dev"] = dev, encode(tokenizer, dev.examples, d.max_length)
+        if name == "train" and d.augment is not None:
+            from .eda import augment
+
+            n = len(split.examples)
+            split = Split(f"{split.source} (+ {d.augment.copies} {d.augment.name} copies of each of {n} rows)",
+                          augment(split.examples, d.augment), split.skipped)
         out.splits[name] = split
         out.encoded[name] = encode(tokenizer, split.examples, d.max_length)
     if d.unlabelled is not None and "train" in splits:  # labels ignored: the teacher provides the targets
