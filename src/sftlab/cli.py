@@ -70,6 +70,17 @@ def cmd_sweep(args) -> None:
                           f"see the log above and their run directories under {out}")
 
 
+def cmd_self_train(args) -> None:
+    from pathlib import Path
+
+    from .self_training import self_train
+
+    out = Path(args.out or f"runs/self-train-{Path(args.config).stem if args.config != '-' else 'overrides'}")
+    last = self_train(_config_path(args.config), args.overrides, out, args.rounds, args.threshold,
+                      max_per_class=args.max_per_class, resume=args.resume, distill=args.distill)
+    print(last)
+
+
 def _workers(n: int) -> int:
     if n < 1:
         raise SftlabError(f"--workers {n}: must be >= 1")
@@ -401,6 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="reuse finished runs in --out, resume the others")
     w.add_argument("--workers", type=int, default=1, help="runs at a time (the cores are shared between them)")
     w.set_defaults(fn=cmd_sweep)
+
+    st = sub.add_parser("self-train", help="self-training on data.unlabelled: round 0 on the labels, each next round "
+                                           "adds confident pseudo-labels; prints the last run directory last")
+    st.add_argument("config", help="YAML config with data.unlabelled, or - for overrides only")
+    st.add_argument("overrides", nargs="*", help="key.sub=value overrides for every round")
+    st.add_argument("--rounds", type=int, required=True, help="pseudo-labelling rounds after round 0 (e.g. 3)")
+    st.add_argument("--threshold", type=float, default=0.9,
+                    help="keep rows the previous round labels with probability >= this (default 0.9; 1.0 adds none)")
+    st.add_argument("--max-per-class", type=int, help="at most this many pseudo-labelled rows per class and round")
+    st.add_argument("--distill", action="store_true", help="finally distil the last round into a fresh model on the "
+                                                           "labels + unlabelled text (OUT/distill)")
+    st.add_argument("--out", help="folder for the rounds (default runs/self-train-<config>)")
+    st.add_argument("--resume", action="store_true", help="reuse finished rounds in --out, resume the others")
+    st.set_defaults(fn=cmd_self_train)
 
     u = sub.add_parser("tune", help="hyper-parameter search (Optuna); prints the best config's YAML path last")
     u.add_argument("config", help="YAML config with a search: section (or give --space), or - for overrides only")

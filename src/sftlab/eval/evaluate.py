@@ -240,10 +240,17 @@ def predict_file(run: str, data: str, *, batch_size=128, bf16=True, columns: dic
     dcfg = _data_config(Path(run), columns or {}, meta.get("head"))
     split, _ = load_split(dcfg, data, meta["task"], LabelMap(meta["labels"]) if meta["labels"] else None,
                           need_label=False)
-    enc = encode(tokenizer, split.examples, meta["max_length"])
+    yield from predict_examples((model, tokenizer, meta), split.examples, batch_size=batch_size, bf16=bf16)
+
+
+def predict_examples(loaded, examples, *, batch_size=128, bf16=True, progress: str = "predict"):
+    """`predict_file`'s rows for examples already read ((model, tokenizer, meta) from load_trained): self-training
+    labels its unlabelled stream through here, so a pseudo file is exactly what `sftlab predict` writes."""
+    model, tokenizer, meta = loaded
+    enc = encode(tokenizer, examples, meta["max_length"])
     logits, _ = predict_logits(model, enc, meta["task"], batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
-                               device=model.device, bf16=bf16, progress="predict")
-    for ex, row in zip(split.examples, logits):
+                               device=model.device, bf16=bf16, progress=progress)
+    for ex, row in zip(examples, logits):
         out = {"line": ex.line, "text": ex.text}
         if ex.text_pair is not None:
             out["text_pair"] = ex.text_pair
