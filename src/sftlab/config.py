@@ -45,7 +45,7 @@ class ModelConfig(_Section):
     SST-2 benchmark (docs/performance.md)."""
 
 
-UNLABELLED_OBJECTIVES = ("distill", "mmd", "dann", "udalm")  # objectives that read data.unlabelled
+UNLABELLED_OBJECTIVES = ("distill", "mmd", "dann", "udalm", "gan_bert")  # objectives that read data.unlabelled
 
 
 class AugmentConfig(_Section):
@@ -534,8 +534,8 @@ class RunConfig(_Section):
             # Decoders: a prompt without a completion has no loss positions for token-level KD; learning from
             # teacher-written completions is sequence-level KD / self-training (pseudo-labels), not this stream.
             raise ValueError("data.unlabelled: a second stream of text, read by objective.name=distill (soft "
-                             "targets) or mmd / dann / udalm (the target domain) on task classification or "
-                             "regression; set one of them, or remove data.unlabelled")
+                             "targets), mmd / dann / udalm (the target domain) or gan_bert on task classification "
+                             "or regression (or by `sftlab self-train`); set one of them, or remove data.unlabelled")
         if self.data.format == "text" and (self.task != "causal_lm" or self.data.prompt is not None):
             raise ValueError("data.format: text (raw text, loss on every token) is for task causal_lm without "
                              "data.prompt; encoders read raw text with task masked_lm")

@@ -56,12 +56,12 @@ class HeadInput:
     """Records the features the head reads during one call (the [CLS] position when it is given a sequence)."""
 
     def __init__(self, model):
-        self.module, self.value = head_module(model), None
+        self.module, self.value, self.three_d = head_module(model), None, False
 
     def __enter__(self):
         def grab(_, args):
             x = args[0]
-            self.value = x[:, 0] if x.dim() == 3 else x
+            self.value, self.three_d = (x[:, 0] if x.dim() == 3 else x), x.dim() == 3
 
         self.handle = self.module.register_forward_pre_hook(grab)
         return self
