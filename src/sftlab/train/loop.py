@@ -137,7 +137,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         bf16 = bool(broadcast_object_list([bf16])[0])
     # multitask: a step trains one task's head, so the other heads take no part in its graph; DDP must look for them
     # (their gradients stay None, as in one process, so "2 processes == 1" holds: tests/unit/test_ddp.py)
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.task == "multitask" else []
+    unused = cfg.task == "multitask" or getattr(Objective, "unused_parameters", False)  # heads without a gradient
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu, kwargs_handlers=handlers)
     main = acc.is_main_process
     if t.auto_batch_size and acc.num_processes > 1:
@@ -502,6 +503,8 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
     here (the caller's on_eval, early stopping)."""
     t, state, metric, step = run.cfg.train, run.state, run.cfg.best_metric, run.step
     refuse_nonfinite(run)
+    if hasattr(run.objective, "before_eval"):  # parts of the model fit outside the optimizer (contrastive_pairs' head)
+        run.objective.before_eval(run.raw_model)
     scores = None
     if run.dev_data is not None:
         scores = validate(run, run.dev_data)
