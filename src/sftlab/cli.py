@@ -81,6 +81,29 @@ def cmd_self_train(args) -> None:
     print(last)
 
 
+def cmd_data_augment(args) -> None:
+    from pathlib import Path
+
+    from .config import load_config
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    out = Path(args.out)
+    if args.method == "lm":
+        from .data.lm_augment import lm_augment
+
+        if not args.model:
+            raise SftlabError("--method lm needs --model: a decoder (smollm2-135m-instruct, a folder or a causal_lm run)")
+        stats = lm_augment(cfg, model=args.model, per_example=args.per_example, out=out, prompt=args.prompt,
+                           shots=args.shots, filter_run=args.filter, min_confidence=args.min_confidence,
+                           seed=args.seed, batch_size=args.batch_size, about=args.about, only_new=args.only_new)
+        print(f"{stats['generated']} generated ({stats['generated_per_s']}/s), {stats['unique']} new and distinct, "
+              f"{stats['kept']} kept" + (f" by {args.filter}" if args.filter else "") + f"; {stats['written']} rows "
+              f"-> {out}", file=sys.stderr)
+    else:
+        raise SftlabError(f"--method {args.method}: unknown; use lm (EDA runs at load time: data.augment.name=eda)")
+    print(out)
+
+
 def _workers(n: int) -> int:
     if n < 1:
         raise SftlabError(f"--workers {n}: must be >= 1")
@@ -439,6 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_verb", required=True)
+    a = dsub.add_parser("augment", help="write new labelled rows made by a decoder (--method lm), filtered and "
+                                        "with provenance; prints the file last")
+    a.add_argument("config", help="the classification config whose labelled rows (after data.k_shot) are augmented")
+    a.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    a.add_argument("--method", required=True, help="lm: label-conditioned generation by a decoder")
+    a.add_argument("--model", help="the decoder: smollm2-135m-instruct, a model folder, or a causal_lm run")
+    a.add_argument("--per-example", type=int, default=4, help="generations per labelled row (default 4)")
+    a.add_argument("--out", required=True, help="JSONL file to write (never overwritten)")
+    a.add_argument("--prompt", default="paraphrase", help="paraphrase (rewrite each row) or generate (new text of "
+                                                          "the row's class)")
+    a.add_argument("--shots", type=int, default=4, help="rows of the same class shown in each prompt (default 4)")
+    a.add_argument("--filter", metavar="RUN_DIR", help="a classifier trained on the same labelled rows: keep only "
+                                                       "rows it labels as intended")
+    a.add_argument("--min-confidence", type=float, default=0.9, help="with --filter: its probability for the "
+                                                                     "intended class at least this (default 0.9)")
+    a.add_argument("--about", default="text", help="what a row is, in the prompt (e.g. 'movie review')")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    a.add_argument("--only-new", action="store_true", help="leave the labelled rows out of --out")
+    a.set_defaults(fn=cmd_data_augment)
     c = dsub.add_parser("check", help="validate every row and report, without training")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")

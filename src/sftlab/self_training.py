@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import _merge, build_config, dump_config, parse_overrides, read_yaml
+from .data.kshot import labelled_sample
 from .errors import ConfigError, RunDirError
 from .sweep import run_jobs
 
@@ -45,19 +46,6 @@ def split_config(path: str | None, overrides: list[str]):
         raise ConfigError(f"sftlab self-train trains each round with objective sft, not {base.objective.name}; "
                           "remove objective (--distill adds a distilled student at the end)")
     return base, base.data.model_copy(update=stream)
-
-
-def labelled_rows(cfg):
-    """Round 0's labelled rows before augmentation (train and, with k_shot_dev, its dev) and the label map."""
-    from .data.examples import load_split
-    from .data.kshot import take_k_shot
-
-    d = cfg.data
-    train, labels = load_split(d, d.train, "classification", None, limit=d.limit_train)
-    dev = None
-    if d.k_shot:
-        train, dev = take_k_shot(train, labels.names, d.k_shot, d.k_shot_seed, d.k_shot_dev)
-    return train, dev, labels
 
 
 def select(rows: list[dict], names: list[str], threshold: float, max_per_class: int | None) -> tuple[list[dict], str]:
@@ -94,7 +82,7 @@ def self_train(config: str | None, overrides: list[str], out: Path, rounds: int,
     base, stream = split_config(config, overrides)
     if out.exists() and any(out.iterdir()) and not resume:
         raise RunDirError(f"--out {out} exists and is not empty; continue it with --resume or choose another --out")
-    train, dev, labels = labelled_rows(base)
+    train, dev, labels = labelled_sample(base)
     pool = _unlabelled(stream, "classification", {"train": train} | ({"dev": dev} if dev else {})).examples
     (out / "data").mkdir(parents=True, exist_ok=True)
     pair = train.examples[0].text_pair is not None

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from sftlab.cli import main
 from sftlab.config import load_config
-from sftlab.self_training import labelled_rows
+from sftlab.data.kshot import labelled_sample
 from tests.unit.test_compare import drop_output_dir
 
 
@@ -39,7 +39,7 @@ def test_pseudo_file_is_predict_filtered_and_balanced_then_resume_and_distill(ti
     assert main(["predict", str(out / "round-0"), "--data", toy_data["train"], "--out", str(tmp_path / "p.jsonl")]) == 0
     predicted = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     train_rows = [json.loads(x) for x in (out / "data" / "round-1-train.jsonl").read_text().splitlines()]
-    train, _, _ = labelled_rows(load_config(None, drop_output_dir(tiny_overrides) + ["data.k_shot=4"]))
+    train, _, _ = labelled_sample(load_config(None, drop_output_dir(tiny_overrides) + ["data.k_shot=4"]))
     taken = {e.line for e in train.examples}
     assert [r["text"] for r in train_rows[:8]] == [e.text for e in train.examples]  # round 0's rows come first
     pseudo = [json.loads(x) for x in (out / "round-1" / "pseudo.jsonl").read_text().splitlines()]

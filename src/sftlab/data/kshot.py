@@ -40,3 +40,17 @@ def take_k_shot(split: Split, names: list[str], k: int, seed: int, k_dev: int | 
         return out, None
     dev = sorted(i for rows in order for i in rows[len(rows) - k_dev:])
     return out, Split(f"{split.source} (k_shot_dev={k_dev}, seed={seed})", [split.examples[i] for i in dev])
+
+
+def labelled_sample(cfg) -> tuple[Split, Split | None, "LabelMap"]:
+    """A classification config's labelled training rows as `prepare` reads them, before augmentation (data.limit_train,
+    then data.k_shot), its k_shot_dev rows (or None) and the label map: what self-training and LM augmentation
+    start from."""
+    from .examples import load_split
+
+    d = cfg.data
+    train, labels = load_split(d, d.train, "classification", None, limit=d.limit_train)
+    dev = None
+    if d.k_shot:
+        train, dev = take_k_shot(train, labels.names, d.k_shot, d.k_shot_seed, d.k_shot_dev)
+    return train, dev, labels
