@@ -40,10 +40,15 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+PREAMBLE = re.compile(r"^(here('s| is| are)|sure|certainly|okay|ok)\b|:$", re.I)
+
+
 def clean(reply: str) -> str:
-    """The first non-empty line, without a leading label, bullet, number or quotes."""
-    line = next((x.strip() for x in reply.splitlines() if x.strip()), "")
-    line = re.sub(r"^(text|rewritten text|new text|review|sentence)\s*:\s*", "", line, flags=re.I)
+    """The first non-empty line that is not a preamble ("Here is a rewritten version:"), without a leading label,
+    bullet, number or quotes."""
+    line = next((x.strip() for x in reply.splitlines() if x.strip() and not PREAMBLE.search(x.strip())), "")
+    line = re.sub(r"^(text|rewritten text|rewritten version|new text|review|sentence|title)\s*:\s*", "", line,
+                  flags=re.I)
     line = re.sub(r"^([-*•]|\d+[.)])\s+", "", line)
     return line.strip().strip('"“”\'').strip()
 
@@ -96,7 +101,7 @@ def lm_augment(cfg, *, model: str, per_example: int, out: Path, prompt: str = "p
 
     replies = generate(gen_model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True, bf16=resolve("auto"),
                        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                       stop=["\n"] + ([tok.eos_token] if tok.eos_token else []), progress=True)
+                       stop=[tok.eos_token] if tok.eos_token else None, progress=True)
     seconds = time.time() - t0
     seen = {_norm(e.text) for e in train.examples}
     rows = []

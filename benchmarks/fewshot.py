@@ -1,0 +1,150 @@
+"""Issue 19's measurement: SST-2 with K labelled sentences per class, full dev set, mean ± std over k_shot seeds.
+
+    SFTLAB_DATA_DIR=../shared/data python benchmarks/fewshot.py [--k 8,16,32,64] [--seeds 0,1,2,3,4]
+        [--methods plain,eda,setfit,gan_bert,self_train,lm,icl,lora] [--out runs/fewshot] [--results FILE]
+
+Every method starts from configs/fewshot/sst2.yaml (minilm-l6, 60 steps, one evaluation at the end: nothing is
+chosen on the dev set, which is only the reported figure) on the K-shot sample of each seed:
+  plain       the config as it is
+  eda         + data.augment eda, 16 copies per row (Wei & Zou's setting for small data)
+  setfit      objective contrastive_pairs (20 pairs per row, logistic head), lr 2e-5 (SetFit's body lr)
+  gan_bert    objective gan_bert, unlabelled: the SST-2 train sentences outside the sample (first 4,000)
+  self_train  `sftlab self-train` 3 rounds, threshold 0.9, at most 256 rows per class and round, same pool
+  lm          `sftlab data augment --method lm` with smollm2-135m-instruct (2 paraphrases per row, filtered by
+              the `plain` run of the same sample at 0.9), then the config on that file
+  setfit+eda  a combination: contrastive pairs over the EDA-augmented rows
+  icl         smollm2-135m-instruct, 8 in-context examples drawn from the K rows per query (no training)
+  lora        smollm2-135m-instruct + LoRA on the same K rows as chat (configs/instruct/sst2_lora.yaml's prompt)
+Each figure is the full dev set's accuracy (decoders: label accuracy of the generated word). Runs go to
+OUT/<method>/k<K>-s<seed>; `--results` keeps every figure across sessions (runs/ is scratch). Prints one table
+(mean ± sample std, n) and the JSON of every figure last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SFTLAB = [sys.executable, "-m", "sftlab"]
+CONFIG = "configs/fewshot/sst2.yaml"
+POOL = ["data.unlabelled=glue/sst2/train.tsv", "data.limit_unlabelled=4000"]
+OVERRIDES = {"plain": [], "eda": ["data.augment.name=eda", "data.augment.copies=16"],
+             "setfit": ["objective.name=contrastive_pairs", "train.lr=2e-5"],
+             "gan_bert": ["objective.name=gan_bert", *POOL],
+             "setfit+eda": ["objective.name=contrastive_pairs", "train.lr=2e-5", "data.augment.name=eda",
+                            "data.augment.copies=16"]}
+
+
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run([*SFTLAB, *cmd], cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def accuracy(run_dir: Path) -> float:
+    return json.loads((run_dir / "summary.json").read_text())["dev_metrics"]["accuracy"]
+
+
+def train(out: Path, overrides: list[str], config: str = CONFIG) -> Path:
+    if not (out / "summary.json").is_file():
+        resume = [f"--resume={out}"] if (out / "config.yaml").is_file() else [f"output_dir={out}"]
+        run(["train", config, *overrides, "train.progress=false", *resume])
+    return out
+
+
+def sample_file(out: Path, k: int, seed: int) -> Path:
+    """The K-shot rows of this seed as a TSV in SST-2's columns (for the decoder runs)."""
+    from sftlab.config import load_config
+    from sftlab.data.kshot import labelled_sample
+
+    path = out / "samples" / f"k{k}-s{seed}.tsv"
+    if not path.is_file():
+        train_split, _, labels = labelled_sample(load_config(CONFIG, [f"data.k_shot={k}", f"data.k_shot_seed={seed}"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("sentence\tlabel\n" + "".join(f"{e.text}\t{labels.names[e.label]}\n"
+                                                      for e in train_split.examples), encoding="utf-8")
+    return path
+
+
+def measure(method: str, k: int, seed: int, out: Path) -> float:
+    base = [f"data.k_shot={k}", f"data.k_shot_seed={seed}"]
+    where = out / method / f"k{k}-s{seed}"
+    if method in OVERRIDES:
+        return accuracy(train(where, base + OVERRIDES[method]))
+    if method == "self_train":
+        last = run(["self-train", CONFIG, *base, *POOL, "train.progress=false", "--rounds", "3", "--threshold",
+                    "0.9", "--max-per-class", "256", "--out", str(where), "--resume"])
+        return accuracy(Path(last))
+    if method == "lm":
+        plain = train(out / "plain" / f"k{k}-s{seed}", base)
+        file = out / "lm-data" / f"k{k}-s{seed}.jsonl"
+        if not file.is_file():
+            run(["data", "augment", CONFIG, *base, "--method", "lm", "--model", "smollm2-135m-instruct",
+                 "--per-example", "2", "--about", "movie review", "--filter", str(plain), "--min-confidence", "0.9",
+                 "--seed", str(seed), "--out", str(file)])
+        return accuracy(train(where, [f"data.train={file.resolve()}", "data.k_shot=null"]))
+    lora_cfg = "configs/instruct/sst2_lora.yaml"
+    sample = sample_file(out, k, seed)
+    if method == "icl":
+        cache = where.with_suffix(".json")
+        if not cache.is_file():
+            where.parent.mkdir(parents=True, exist_ok=True)
+            line = run(["eval", "smollm2-135m-instruct", "--config", lora_cfg, f"data.train={sample.resolve()}",
+                        "data.limit_train=null", "--data", "glue/sst2/dev.tsv", "--icl-shots", "8", "--labels",
+                        "positive,negative", "--seed", str(seed)])
+            cache.write_text(line)
+        return json.loads(cache.read_text())["label_accuracy"]
+    if method == "lora":
+        run_dir = train(where, [f"data.train={sample.resolve()}", "data.limit_train=null", "data.dev=null",
+                                "train.epochs=10", "data.packing=false"], config=lora_cfg)
+        cache = where / "dev-label-accuracy.json"
+        if not cache.is_file():
+            cache.write_text(run(["eval", str(run_dir), "--config", lora_cfg, "--data", "glue/sst2/dev.tsv",
+                                  "--labels", "positive,negative"]))
+        return json.loads(cache.read_text())["label_accuracy"]
+    sys.exit(f"--methods: unknown method {method!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--k", default="8,16,32,64")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--methods", default="plain,eda,setfit,gan_bert,self_train,lm,setfit+eda,icl,lora")
+    ap.add_argument("--out", default="runs/fewshot")
+    ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
+    args = ap.parse_args()
+    if not os.environ.get("SFTLAB_DATA_DIR"):
+        sys.exit("set SFTLAB_DATA_DIR to the folder holding glue/ (e.g. ../shared/data)")
+    ks, seeds, methods = ([int(x) for x in args.k.split(",")], [int(x) for x in args.seeds.split(",")],
+                          args.methods.split(","))
+    results = Path(args.results) if args.results else None
+    known = json.loads(results.read_text()) if results and results.is_file() else {}
+    out = Path(args.out)
+    for method in methods:
+        for k in ks:
+            for seed in seeds:
+                key = f"{method} k={k} seed={seed}"
+                if key in known:
+                    continue
+                print(key, file=sys.stderr, flush=True)
+                known[key] = {"accuracy": measure(method, k, seed, out)}
+                if results:
+                    results.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    print("| method | " + " | ".join(f"K={k}" for k in ks) + " |")
+    print("|---|" + "---:|" * len(ks))
+    for method in methods:
+        cells = []
+        for k in ks:
+            vals = [known[f"{method} k={k} seed={s}"]["accuracy"] for s in seeds if f"{method} k={k} seed={s}" in known]
+            cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.4f} "
+                         f"(n={len(vals)})" if vals else "")
+        print(f"| {method} | " + " | ".join(cells) + " |")
+    print(json.dumps(known))
+
+
+if __name__ == "__main__":
+    main()
