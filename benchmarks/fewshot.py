@@ -12,10 +12,11 @@ chosen on the dev set, which is only the reported figure) on the K-shot sample o
   self_train  `sftlab self-train` 3 rounds, threshold 0.9, at most 256 rows per class and round, same pool
   lm          `sftlab data augment --method lm` with smollm2-135m-instruct (2 paraphrases per row, filtered by
               the `plain` run of the same sample at 0.9), then the config on that file
-  setfit+eda  a combination: contrastive pairs over the EDA-augmented rows
+  eda+self_train  a combination of the two best single methods at K=16 seed 0: self-training whose rounds all
+              train with EDA copies
   icl         smollm2-135m-instruct, 8 in-context examples drawn from the K rows per query (no training)
   lora        smollm2-135m-instruct + LoRA on the same K rows as chat (configs/instruct/sst2_lora.yaml's prompt)
-Each figure is the full dev set's accuracy (decoders: label accuracy of the generated word). Runs go to
+Each figure is the full dev set's accuracy (decoders: label accuracy of the word generated in at most 4 tokens). Runs go to
 OUT/<method>/k<K>-s<seed>; `--results` keeps every figure across sessions (runs/ is scratch). Prints one table
 (mean ± sample std, n) and the JSON of every figure last.
 """
@@ -35,9 +36,7 @@ CONFIG = "configs/fewshot/sst2.yaml"
 POOL = ["data.unlabelled=glue/sst2/train.tsv", "data.limit_unlabelled=4000"]
 OVERRIDES = {"plain": [], "eda": ["data.augment.name=eda", "data.augment.copies=16"],
              "setfit": ["objective.name=contrastive_pairs", "train.lr=2e-5"],
-             "gan_bert": ["objective.name=gan_bert", *POOL],
-             "setfit+eda": ["objective.name=contrastive_pairs", "train.lr=2e-5", "data.augment.name=eda",
-                            "data.augment.copies=16"]}
+             "gan_bert": ["objective.name=gan_bert", *POOL]}
 
 
 def run(cmd: list[str]) -> str:
@@ -75,9 +74,10 @@ def measure(method: str, k: int, seed: int, out: Path) -> float:
     where = out / method / f"k{k}-s{seed}"
     if method in OVERRIDES:
         return accuracy(train(where, base + OVERRIDES[method]))
-    if method == "self_train":
-        last = run(["self-train", CONFIG, *base, *POOL, "train.progress=false", "--rounds", "3", "--threshold",
-                    "0.9", "--max-per-class", "256", "--out", str(where), "--resume"])
+    if method in ("self_train", "eda+self_train"):
+        extra = OVERRIDES["eda"] if method.startswith("eda+") else []
+        last = run(["self-train", CONFIG, *base, *extra, *POOL, "train.progress=false", "--rounds", "3",
+                    "--threshold", "0.9", "--max-per-class", "256", "--out", str(where), "--resume"])
         return accuracy(Path(last))
     if method == "lm":
         plain = train(out / "plain" / f"k{k}-s{seed}", base)
@@ -87,24 +87,29 @@ def measure(method: str, k: int, seed: int, out: Path) -> float:
                  "--per-example", "2", "--about", "movie review", "--filter", str(plain), "--min-confidence", "0.9",
                  "--seed", str(seed), "--out", str(file)])
         return accuracy(train(where, [f"data.train={file.resolve()}", "data.k_shot=null"]))
-    lora_cfg = "configs/instruct/sst2_lora.yaml"
     sample = sample_file(out, k, seed)
+    lora_cfg = str(sample.with_suffix(".yaml"))  # the instruct config on this sample (eval reads no overrides)
+    if not Path(lora_cfg).is_file():
+        from sftlab.config import dump_config, load_config
+
+        Path(lora_cfg).write_text(dump_config(load_config("configs/instruct/sst2_lora.yaml", [
+            f"data.train={sample.resolve()}", "data.limit_train=null", "data.packing=false", "train.epochs=10",
+            "train.progress=false"])))
     if method == "icl":
         cache = where.with_suffix(".json")
         if not cache.is_file():
             where.parent.mkdir(parents=True, exist_ok=True)
-            line = run(["eval", "smollm2-135m-instruct", "--config", lora_cfg, f"data.train={sample.resolve()}",
-                        "data.limit_train=null", "--data", "glue/sst2/dev.tsv", "--icl-shots", "8", "--labels",
-                        "positive,negative", "--seed", str(seed)])
+            line = run(["eval", "smollm2-135m-instruct", "--config", lora_cfg, "--data", "glue/sst2/dev.tsv",
+                        "--icl-shots", "8", "--labels", "positive,negative", "--seed", str(seed),
+                        "--max-new-tokens", "4"])
             cache.write_text(line)
         return json.loads(cache.read_text())["label_accuracy"]
     if method == "lora":
-        run_dir = train(where, [f"data.train={sample.resolve()}", "data.limit_train=null", "data.dev=null",
-                                "train.epochs=10", "data.packing=false"], config=lora_cfg)
+        run_dir = train(where, ["data.dev=null"], config=lora_cfg)
         cache = where / "dev-label-accuracy.json"
         if not cache.is_file():
             cache.write_text(run(["eval", str(run_dir), "--config", lora_cfg, "--data", "glue/sst2/dev.tsv",
-                                  "--labels", "positive,negative"]))
+                                  "--labels", "positive,negative", "--max-new-tokens", "4"]))
         return json.loads(cache.read_text())["label_accuracy"]
     sys.exit(f"--methods: unknown method {method!r}")
 
@@ -113,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", default="8,16,32,64")
     ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--methods", default="plain,eda,setfit,gan_bert,self_train,lm,setfit+eda,icl,lora")
+    ap.add_argument("--methods", default="plain,eda,setfit,gan_bert,self_train,lm,eda+self_train,icl,lora")
     ap.add_argument("--out", default="runs/fewshot")
     ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
     args = ap.parse_args()
