@@ -1,6 +1,6 @@
 """The training-objective matrix: every registered objective has a row here, and at its neutral setting it trains
 exactly what plain SFT trains (bitwise) while logging its loss parts. Technique-specific equations live in the
-objective's own test file (test_distill.py, test_domain_adapt.py)."""
+objective's own test file (test_distill.py, test_domain_adapt.py, test_gan_bert.py, ...)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,10 @@ MATRIX = {
     "dann": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
     "udalm": (["objective.weight=0", "data.unlabelled={target}"], {"task"}),
     "simcse": None,  # trains task embedding only, which has no SFT to equal (its equations: test_embedding.py)
+    # no neutral setting: the pair loss and the GAN's terms are the technique (equations and resume:
+    # test_contrastive_pairs.py, test_gan_bert.py)
+    "contrastive_pairs": None,
+    "gan_bert": None,
 }
 
 
