@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--methods", default="plain,eda,setfit,gan_bert,self_train,lm,eda+self_train,icl,lora")
     ap.add_argument("--out", default="runs/fewshot")
     ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
+    ap.add_argument("--table-only", action="store_true", help="print the table of --results, run nothing")
     args = ap.parse_args()
     if not os.environ.get("SFTLAB_DATA_DIR"):
         sys.exit("set SFTLAB_DATA_DIR to the folder holding glue/ (e.g. ../shared/data)")
@@ -129,7 +130,7 @@ def main() -> None:
     results = Path(args.results) if args.results else None
     known = json.loads(results.read_text()) if results and results.is_file() else {}
     out = Path(args.out)
-    for method in methods:
+    for method in [] if args.table_only else methods:
         for k in ks:
             for seed in seeds:
                 key = f"{method} k={k} seed={seed}"
