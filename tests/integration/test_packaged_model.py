@@ -108,3 +108,20 @@ def test_glue_multitask_config_reads_every_task_and_trains(tmp_path):
     proc = sftlab("eval", str(out), "--task", "stsb", "--data", str(SHARED_DATA / "glue/stsb/dev.tsv"), "--fp32")
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scores["examples"] == 1500  # (the whole dev file; training scored its first 64 rows)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data not present")
+def test_fewshot_config_self_trains_with_eda_on_sst2(tmp_path):
+    """configs/fewshot/sst2.yaml on minilm-l6: an 8-shot sample with EDA copies (WordNet on real sentences), one
+    self-training round over 200 unlabelled SST-2 sentences; the round's pseudo rows are class-balanced."""
+    out = tmp_path / "st"
+    proc = sftlab("self-train", "configs/fewshot/sst2.yaml", f"data.dir={SHARED_DATA}", "data.k_shot=8",
+                  "data.augment.name=eda", "data.augment.copies=2", "data.unlabelled=glue/sst2/train.tsv",
+                  "data.limit_unlabelled=200", "data.limit_dev=64", "train.max_steps=6", "train.eval_every=6",
+                  "train.progress=false", "--rounds", "1", "--threshold", "0.5", "--out", str(out))
+    assert proc.stdout.strip().splitlines()[-1] == str(out / "round-1")
+    train = json.loads((out / "round-0" / "summary.json").read_text())["data"]["train"]
+    assert train["rows"] == 16 * 3 and train["labels"] == {"0": 24, "1": 24}
+    pseudo = [json.loads(x) for x in (out / "round-1" / "pseudo.jsonl").read_text().splitlines()]
+    counts = {label: sum(p["label"] == label for p in pseudo) for label in ("0", "1")}
+    assert counts["0"] == counts["1"] and all(p["score"] >= 0.5 for p in pseudo)
