@@ -23,7 +23,7 @@ from pydantic import model_validator
 
 from ..config import ObjectiveConfig
 from ..registry import training_objectives
-from .domain import check_streams, features, reverse_gradient
+from .domain import check_streams, features, model_width, reverse_gradient
 from .sft import LossOut
 
 
@@ -53,15 +53,10 @@ class DANN:
     streams_apart = True  # the loop collates source and target rows apart (domain.py: why)
 
     def __init__(self, cfg, data, task_loss, tokenizer):
-        from transformers import AutoConfig
-
-        from ..models import resolve_model
-
         o = cfg.objective
         self.task_loss, self.weight, self.gamma, self.coefficient = task_loss, o.weight, o.gamma, 0.0
         self.n_labelled = len(data.splits["train"].examples)
-        mc = AutoConfig.from_pretrained(resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
-        width = next(getattr(mc, k) for k in ("hidden_size", "dim", "d_model") if isinstance(getattr(mc, k, None), int))
+        width = model_width(cfg)
         with torch.random.fork_rng(devices=[]):  # its init draws apart: the run's dropout masks stay SFT's
             torch.manual_seed(cfg.train.seed * 7 + 2)
             self.classifier = torch.nn.Sequential(torch.nn.Linear(width, o.hidden or width), torch.nn.ReLU(),

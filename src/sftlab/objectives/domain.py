@@ -125,3 +125,14 @@ class _Reverse(torch.autograd.Function):
 def reverse_gradient(x: torch.Tensor, coefficient: float) -> torch.Tensor:
     """Identity forward; backward multiplies the gradient by -coefficient (Ganin & Lempitsky 2015)."""
     return _Reverse.apply(x, coefficient)
+
+
+def model_width(cfg) -> int:
+    """Hidden size of cfg.model (BERT's hidden_size, DistilBERT's dim, T5's d_model): the width of the features the
+    head reads, for extras built before the model loads (DANN's classifier, UDALM's MLM head, GAN-BERT's generator)."""
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
+    mc = AutoConfig.from_pretrained(resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    return next(getattr(mc, k) for k in ("hidden_size", "dim", "d_model") if isinstance(getattr(mc, k, None), int))

@@ -32,7 +32,7 @@ from pydantic import model_validator
 from ..config import ObjectiveConfig
 from ..errors import ConfigError
 from ..registry import training_objectives
-from .domain import HeadInput, head_module
+from .domain import HeadInput, head_module, model_width
 from .sft import LossOut
 
 
@@ -57,17 +57,12 @@ class GanBert:
     Config = GanBertConfig
 
     def __init__(self, cfg, data, task_loss, tokenizer):
-        from transformers import AutoConfig
-
-        from ..models import resolve_model
-
         o = cfg.objective
         self.task_loss, self.noise_size, self.eps, self.seed, self.step = task_loss, o.noise_size, o.epsilon, \
             cfg.train.seed, 0
         self.checked = False  # the head maps its input to the k logits (checked once, on the first batch)
         self.n_labelled = len(data.splits["train"].examples)
-        mc = AutoConfig.from_pretrained(resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
-        width = next(getattr(mc, k) for k in ("hidden_size", "dim", "d_model") if isinstance(getattr(mc, k, None), int))
+        width = model_width(cfg)
         with torch.random.fork_rng(devices=[]):  # its init draws apart: the run's dropout masks stay SFT's
             torch.manual_seed(cfg.train.seed * 7 + 3)
             self.generator = torch.nn.Sequential(torch.nn.Linear(o.noise_size, width), torch.nn.LeakyReLU(0.2),
