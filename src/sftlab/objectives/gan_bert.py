@@ -61,7 +61,6 @@ class GanBert:
         self.task_loss, self.noise_size, self.eps, self.seed, self.step = task_loss, o.noise_size, o.epsilon, \
             cfg.train.seed, 0
         self.checked = False  # the head maps its input to the k logits (checked once, on the first batch)
-        self.n_labelled = len(data.splits["train"].examples)
         width = model_width(cfg)
         with torch.random.fork_rng(devices=[]):  # its init draws apart: the run's dropout masks stay SFT's
             torch.manual_seed(cfg.train.seed * 7 + 3)
