@@ -1,13 +1,16 @@
 """Issue 19's measurement: SST-2 with K labelled sentences per class, full dev set, mean ± std over k_shot seeds.
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/fewshot.py [--k 8,16,32,64] [--seeds 0,1,2,3,4]
-        [--methods plain,eda,setfit,gan_bert,self_train,lm,icl,lora] [--out runs/fewshot] [--results FILE]
+        [--methods plain,eda,setfit_mean,gan_bert,self_train,lm,icl,lora] [--out runs/fewshot] [--results FILE]
 
 Every method starts from configs/fewshot/sst2.yaml (minilm-l6, 60 steps, one evaluation at the end: nothing is
 chosen on the dev set, which is only the reported figure) on the K-shot sample of each seed:
   plain       the config as it is
   eda         + data.augment eda, 16 copies per row (Wei & Zou's setting for small data)
-  setfit      objective contrastive_pairs (20 pairs per row, logistic head), lr 2e-5 (SetFit's body lr)
+  setfit      objective contrastive_pairs (20 pairs per row, logistic head), lr 2e-5 (SetFit's body lr), on the
+              model's own head input ([CLS] through BERT's pooler)
+  setfit_mean the same on the mean of the token states (model.pooling: mean), the embedding SetFit trains
+  plain_mean  plain with model.pooling: mean (the pooling ablation)
   gan_bert    objective gan_bert, unlabelled: the SST-2 train sentences outside the sample (first 4,000)
   self_train  `sftlab self-train` 3 rounds, threshold 0.9, at most 256 rows per class and round, same pool
   lm          `sftlab data augment --method lm` with smollm2-135m-instruct (2 paraphrases per row, filtered by
@@ -36,6 +39,8 @@ CONFIG = "configs/fewshot/sst2.yaml"
 POOL = ["data.unlabelled=glue/sst2/train.tsv", "data.limit_unlabelled=4000"]
 OVERRIDES = {"plain": [], "eda": ["data.augment.name=eda", "data.augment.copies=16"],
              "setfit": ["objective.name=contrastive_pairs", "train.lr=2e-5"],
+             "setfit_mean": ["objective.name=contrastive_pairs", "train.lr=2e-5", "model.pooling=mean"],
+             "plain_mean": ["model.pooling=mean"],
              "gan_bert": ["objective.name=gan_bert", *POOL]}
 
 
@@ -138,8 +143,11 @@ def main() -> None:
                     continue
                 print(key, file=sys.stderr, flush=True)
                 known[key] = {"accuracy": measure(method, k, seed, out)}
-                if results:
-                    results.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+                if results:  # read again first: another process may be filling other cells of the same file
+                    known = {**(json.loads(results.read_text()) if results.is_file() else {}), key: known[key]}
+                    tmp = results.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+                    os.replace(tmp, results)
     print("| method | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|" + "---:|" * len(ks))
     for method in methods:

@@ -40,6 +40,11 @@ class ModelConfig(_Section):
     head_from: str | None = None
     """Fine-tuning after multitask: with model.name a multitask run's RUN_DIR/best, start this run's head from that
     run's head of this name (same kind and classes); unset, the head starts new and only the encoder carries over."""
+    pooling: Literal["first", "mean"] | None = None
+    """What the classification/regression head reads. first: the first token ([CLS]; BERT's pooler on it), the
+    model's own head; mean: the attention-masked mean of the last hidden states, the sentence embedding
+    sentence-transformers checkpoints such as minilm-l6 were trained for (models/pooling.py). Unset: what the
+    model's folder was trained with (a run saved with mean keeps it), else first."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
     """Attention kernel for training. auto: transformers' default (sdpa); eager measured slower on the 2-core CPU
     SST-2 benchmark (docs/performance.md)."""
@@ -500,6 +505,9 @@ class RunConfig(_Section):
     def _check(self):
         if self.model.head_from is not None and self.task not in ("classification", "regression"):
             raise ValueError(f"model.head_from starts a classification or regression head, not task {self.task}; "
+                             "remove it")
+        if self.model.pooling == "mean" and self.task not in ("classification", "regression"):
+            raise ValueError(f"model.pooling: mean feeds a classification or regression head, not task {self.task}; "
                              "remove it")
         if self.task == "multitask":
             self._check_multitask()

@@ -49,6 +49,10 @@ def load_trained(path, device=None):
                 from ..models.multihead import install_heads
 
                 install_heads(model, _heads(meta), model_dir)
+            elif task in ("classification", "regression"):  # mean pooling, as config.json says (models/pooling.py)
+                from ..models.pooling import apply_pooling
+
+                apply_pooling(model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -81,6 +85,10 @@ def adapter_base(auto, meta: dict):
         from ..models.layers import keep_layers
 
         keep_layers(base, meta["keep_layers"])
+    if meta.get("pooling"):
+        from ..models.pooling import apply_pooling
+
+        apply_pooling(base, meta["pooling"])
     return base
 
 

@@ -59,6 +59,12 @@ def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
 
     log(f"export {fmt}: loading {model_dir}")
     model, tokenizer, _ = load_trained(model_dir, device="cpu")
+    from ..models.pooling import pooling_of
+
+    if pooling_of(model) == "mean" and fmt in ("hf", "merged", "peft"):
+        log(f"note: this model's head reads the mean of the token states (model.pooling: mean; config.json "
+            f"sftlab_pooling). sftlab's loaders apply it; plain transformers reads [CLS] instead: load with "
+            f"sftlab.export.runtime.load_exported, or export --format onnx, whose graph holds it")
     decoder, multitask = meta["task"] == "causal_lm", meta["task"] == "multitask"
     edata = None if multitask else eval_data(model_dir, meta, data)  # (multitask: parity per head, no dev metrics)
     groups = task_samples(model_dir, meta) if multitask else [samples(edata, meta)]
@@ -82,6 +88,8 @@ def _export(run_dir, fmt, out, *, data, overwrite, log) -> dict:
     if fmt == "peft":
         export_meta["base_path"] = meta["base_path"]
         export_meta["keep_layers"] = meta.get("keep_layers")
+        if meta.get("pooling"):
+            export_meta["pooling"] = meta["pooling"]
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

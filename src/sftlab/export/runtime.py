@@ -166,6 +166,10 @@ def load_exported(path: str | Path, *, threads: int | None = None, device=None):
                     from ..models.multihead import install_heads
 
                     install_heads(model, _heads(meta), p)
+                elif meta["task"] in ("classification", "regression"):  # mean pooling, as config.json says
+                    from ..models.pooling import apply_pooling
+
+                    apply_pooling(model)
         model.to(device or "cpu")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -155,6 +155,7 @@ def attention_for(choice: str, task: str, max_length: int) -> str | None:
 def load_model(
     name: str, task: str, labels: list[str] | None, *, from_scratch=False, seed=0, trust_remote_code=False,
     attention: str | None = None, keep_layers: list[int] | None = None, train_data=None, head_from: str | None = None,
+    pooling: str | None = None,
 ) -> torch.nn.Module:
     """Sequence classification (`num_labels` classes, or one output for regression) or a causal LM. `labels`: the
     class names, or for task multitask its heads (tasks/multitask.Head)."""
@@ -189,6 +190,10 @@ def load_model(
             from .layers import keep_layers as prune
 
             prune(model, list(keep_layers))
+        if task in ("classification", "regression"):  # model.pooling, or what the folder was trained with (models/pooling.py)
+            from .pooling import apply_pooling
+
+            apply_pooling(model, pooling)
         return model
     finally:
         transformers.logging.set_verbosity(verbosity)

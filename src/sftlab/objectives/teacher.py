@@ -85,6 +85,9 @@ def _open(spec: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     if decoder:
         return DecoderExported({"task": "causal_lm", "format": "hf"}, tokenizer, model)
+    from ..models.pooling import apply_pooling
+
+    apply_pooling(model)  # an HF folder saved with mean pooling (models/pooling.py)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return TorchExported({"task": "classification", "labels": names, "format": "hf"}, tokenizer, model)
 

@@ -104,6 +104,10 @@ def _from_hf_folder(p: Path, meta: dict, **kw):
             from ..models.multihead import install_heads
 
             install_heads(model, _heads(meta), p)
+        elif meta["task"] in ("classification", "regression"):  # mean pooling, as config.json says
+            from ..models.pooling import apply_pooling
+
+            apply_pooling(model)
         tokenizer = AutoTokenizer.from_pretrained(p)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -163,8 +167,10 @@ class TorchLogits:
         # Exact: the last block runs for [CLS] only where the head reads nothing else (verified by a probe at
         # load, else left as is): ~14% fewer FLOPs per text on a 6-block model (sftlab/models/first_token.py).
         from ..models.first_token import enable_first_token_last_layer
+        from ..models.pooling import pooling_of
 
-        enable_first_token_last_layer(model)
+        if pooling_of(model) == "first":  # (a mean-pooling head reads every position)
+            enable_first_token_last_layer(model)
         if bf16 and not hasattr(model, "peft_config"):
             # Autocast casts every Linear's fp32 weight to bf16 on every forward pass; casting them once gives the
             # same bf16 values (bit-identical outputs, measured) without that work: -6% CPU per text. LayerNorm,

@@ -179,8 +179,11 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         trust_remote_code=cfg.model.trust_remote_code,
         attention=attention_for(cfg.model.attention, cfg.task, cfg.data.max_length), keep_layers=cfg.model.keep_layers,
         train_data=train_data,  # a new MLM head starts as the training text's unigram model
-        head_from=cfg.model.head_from,
+        head_from=cfg.model.head_from, pooling=cfg.model.pooling,
     )
+    from ..models.pooling import pooling_of, unused_parameters
+
+    mean_pooled = pooling_of(model) == "mean"
     # Student internals an objective reads (distill's attention / hidden terms): eager attention returns the maps,
     # and the first-token shortcut of the last block would leave one position of its hidden states.
     internals = Objective.internals(cfg)
@@ -190,7 +193,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         from ..models.fused_attention import enable_fused_attention
 
         enable_fused_attention(model)
-    if t.first_token_last_layer and spec.head_reads_first_token and not spec.decoder and not internals:
+    if t.first_token_last_layer and spec.head_reads_first_token and not spec.decoder and not internals \
+            and not mean_pooled:
         from ..models.first_token import enable_first_token_last_layer
 
         if enable_first_token_last_layer(model) and main:
@@ -207,6 +211,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         raise ConfigError(f"strategy.name: {cfg.strategy.name} trains in one process (DDP fixes the trained "
                           "parameters when it starts); run without torchrun/accelerate launch")
     model = plan.model
+    for p in unused_parameters(model):  # BERT's pooler, bypassed by model.pooling: mean
+        p.requires_grad_(False)
     model.to(acc.device)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
     # whatever it brings (distill: the teacher's cached logits, computed here once before training).

@@ -136,6 +136,10 @@ def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int
         "text_pair": cfg.data.text_pair is not None, "step": step, "dev_metrics": scores,
         "base_model": cfg.model.name, "strategy": cfg.strategy.name, "keep_layers": cfg.model.keep_layers,
     }
+    from ..models.pooling import pooling_of
+
+    if pooling_of(model) == "mean":  # (an adapter's base loads by name: its config.json does not say it)
+        meta["pooling"] = "mean"
     (tmp / "sftlab.json").write_text(json.dumps(meta, indent=2))
     if final.exists():
         os.replace(final, old)
