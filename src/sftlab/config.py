@@ -451,6 +451,43 @@ class MixtureConfig(_Section):
         return self
 
 
+class MetaConfig(_Section):
+    """meta: learn an initialisation that adapts to a new task from a few labels (train/meta_loop.py, docs/meta.md).
+    The tasks are the `tasks:` entries of task: multitask (classification, two or more); each outer step draws
+    `tasks_per_step` episodes, each adapted from the current weights by `inner_steps` SGD steps on its support set."""
+
+    algorithm: Literal["reptile", "fomaml"] = "reptile"
+    """reptile (Nichol et al. 2018: move towards the adapted weights) or fomaml (first-order MAML, Finn et al. 2017:
+    the query-set gradient at the adapted weights, fed to AdamW)."""
+    inner_steps: int = 5
+    """SGD steps on an episode's support set (the whole set each step)."""
+    inner_lr: float = 1.0e-3
+    """The inner SGD learning rate."""
+    outer_lr: float | None = None
+    """reptile: the interpolation rate towards the mean adapted weights (default 1.0); fomaml: AdamW's learning rate
+    (default train.lr)."""
+    tasks_per_step: int = 4
+    """Episodes per outer step (split across processes; their updates averaged)."""
+    k_shot: int = 8
+    """Support rows per class in an episode."""
+    query: int = 8
+    """fomaml: query rows per class (disjoint from the support set) for the outer gradient; reptile reads none."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("inner_lr", "tasks_per_step", "k_shot"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.inner_steps < 0 or (self.inner_steps == 0 and self.algorithm == "fomaml"):
+            raise ValueError(f"inner_steps must be >= 1 with fomaml (0 would make it plain multi-task SGD on the "
+                             f"query sets), got {self.inner_steps}")
+        if self.outer_lr is not None and not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
+        if self.algorithm == "fomaml" and self.query < 1:
+            raise ValueError(f"query must be >= 1 with fomaml (its rows give the outer gradient), got {self.query}")
+        return self
+
+
 class ObjectiveConfig(_Section):
     """Base of every training objective's own config class (objectives/*.py: `Config`, chosen by `name`)."""
 
@@ -469,6 +506,8 @@ class RunConfig(_Section):
     """task: multitask: NAME -> its files, columns, kind and loss weight (each a small `data` section)."""
     mixture: MixtureConfig | None = None
     """task: multitask: how each step's task is drawn (default: proportional to the tasks' training rows)."""
+    meta: MetaConfig | None = None
+    """task: multitask: meta-learn across its tasks (Reptile or first-order MAML) instead of training them jointly."""
     data: DataConfig = DataConfig()
     """Where the labelled data is and how to read it."""
     strategy: StrategyConfig = StrategyConfig()
@@ -509,6 +548,8 @@ class RunConfig(_Section):
         if self.model.pooling == "mean" and self.task not in ("classification", "regression"):
             raise ValueError(f"model.pooling: mean feeds a classification or regression head, not task {self.task}; "
                              "remove it")
+        if self.meta is not None:
+            self._check_meta()
         if self.task == "multitask":
             self._check_multitask()
         elif self.tasks is not None or self.mixture is not None:
@@ -572,6 +613,20 @@ class RunConfig(_Section):
         if self.strategy.name not in strategies:
             strategies.get(self.strategy.name)  # raises ConfigError naming the key and what is available
         return self
+
+    def _check_meta(self) -> None:
+        if self.task != "multitask" or not self.tasks or len(self.tasks) < 2:
+            raise ValueError("meta: learns across tasks: set task: multitask with two or more tasks: entries (each a "
+                             "classification task, e.g. one per domain)")
+        kinds = [n for n, e in self.tasks.items() if e.task != "classification"]
+        if kinds:
+            raise ValueError(f"meta: tasks {', '.join(kinds)} are not classification; meta-learning adapts "
+                             "classifiers (remove them)")
+        if self.strategy.name != "full":
+            raise ValueError(f"meta: adapts every weight; strategy.name: {self.strategy.name} is not available with "
+                             "it (use full, the default)")
+        if self.objective.name != "sft" or self.mixture is not None:
+            raise ValueError("meta: draws its own episodes from the task's own loss; remove objective and mixture")
 
     def _check_multitask(self) -> None:
         if not self.tasks:

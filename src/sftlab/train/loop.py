@@ -114,6 +114,11 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     `graceful_stop`: SIGTERM/SIGINT save a checkpoint at the next step boundary and return the run directory
     without a summary, to be resumed (the CLI turns it on; in-process callers keep Ctrl-C a KeyboardInterrupt).
     `force_resume`: resume even where the config names another task, model, data or label set (rundir.py)."""
+    if cfg.meta is not None:  # the one technique with its own inner/outer loop (DESIGN.md rule 1)
+        from .meta_loop import train_meta
+
+        return train_meta(cfg, resume=resume, overwrite=overwrite, on_eval=on_eval, graceful_stop=graceful_stop,
+                          force_resume=force_resume)
     with StopSignals(graceful_stop) as signals:
         run = setup(cfg, resume, overwrite, signals, force_resume)
         stopped_by = fit(run, on_eval)

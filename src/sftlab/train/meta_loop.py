@@ -1,0 +1,228 @@
+"""The meta-learning loop, the twin of loop.py: Reptile or first-order MAML across the tasks of a multitask config.
+
+Reptile (Nichol, Achiam & Schulman 2018, arXiv:1803.02999) moves the weights towards the mean of the weights each
+episode reached after `inner_steps` SGD steps on its support set; first-order MAML (Finn, Abbeel & Levine 2017,
+arXiv:1703.03400, section 5.2) feeds the query-set gradient at those adapted weights to AdamW. Both are written as
+one outer optimizer step on a pseudo-gradient, theta - mean(phi) (Reptile: plain SGD at meta.outer_lr, so outer
+lr 1 lands on phi; the schedule anneals it as the paper does) or mean(grad_query(phi)) (FOMAML), so checkpoints,
+resume and logging are loop.py's own functions. The inner loop runs on a dict of tensors through
+torch.func.functional_call: no copy of the module per episode, and the module itself is only written by the outer
+step. Pitfalls, each pinned by tests/unit/test_meta.py: an episode must be a pure function of (seed, outer step) for
+resume and 2 processes to be exact, dropout included (seeded per episode); with label sets that differ between
+tasks the head cannot be meta-learned: each episode starts it from zeros and the outer step leaves it alone.
+LEOPARD (Bansal et al. 2020) meta-learns a head generator instead; not built.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data.batches import collate
+from ..data.prepare import format_report, prepare
+from ..errors import ConfigError, DataError
+from ..models import load_model, load_tokenizer
+from ..models.load import check_model
+from ..models.pooling import unused_parameters
+from ..strategies.anatomy import anatomy
+from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .guards import StopSignals, trim_log
+from .optim import build_optimizer, build_schedule
+from .rundir import open_run_dir, save_best
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, graceful_stop=False,
+               force_resume=False) -> Path:
+    """Meta-train as configured (`meta:` section); returns the run directory, its best/ the final weights as a
+    classifier of the tasks' labels: the start `sftlab adapt` and `model.name` take."""
+    m, t = cfg.meta, cfg.train
+    if not t.max_steps:
+        raise ConfigError("meta: counts outer steps: set train.max_steps (e.g. 1000)")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # the process group; no DDP wrapper (updates by hand)
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    check_model(cfg.model.name, max_length=cfg.data.max_length, trust_remote_code=cfg.model.trust_remote_code)
+    with StopSignals(graceful_stop) as signals:
+        run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
+        acc.wait_for_everyone()
+        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        data = prepare(cfg, tokenizer, ("train",))
+        if main:
+            log(format_report(data.report(cfg.task)))
+        train_data = data.encoded["train"]
+        tasks = task_rows(train_data, m.k_shot + (m.query if m.algorithm == "fomaml" else 0))
+        label_sets = [h.labels for h in train_data.heads]
+        shared = all(ls == label_sets[0] for ls in label_sets)
+        model = load_model(cfg.model.name, "classification", label_sets[0], seed=t.seed,
+                           trust_remote_code=cfg.model.trust_remote_code, pooling=cfg.model.pooling)
+        model.to(acc.device).train()
+        for p in unused_parameters(model):  # BERT's pooler under model.pooling: mean
+            p.requires_grad_(False)
+        head = [] if shared else head_linear(model)  # reset per episode, never meta-updated
+        names = [n for n, p in model.named_parameters() if p.requires_grad and n not in head]
+        outer_lr = m.outer_lr or (1.0 if m.algorithm == "reptile" else t.lr)
+        params = [dict(model.named_parameters())[n] for n in names]
+        optimizer = (torch.optim.SGD(params, lr=outer_lr) if m.algorithm == "reptile" else
+                     build_optimizer(model, t.model_copy(update={"lr": outer_lr})))
+        scheduler = build_schedule(optimizer, t, t.max_steps)
+        step, state = 0, {"train_seconds": 0.0, "episodes": 0}
+        ckpts = complete_checkpoints(run_dir) if resume else []
+        if ckpts:
+            state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+            step = state.pop("step")
+            if main:
+                log(f"resumed from {ckpts[-1]} at outer step {step}/{t.max_steps}")
+        if main and resume:
+            trim_log(run_dir / "metrics.jsonl", step)
+        metrics = open(run_dir / "metrics.jsonl", "a") if main else None
+        bar = tqdm(total=t.max_steps, initial=step, desc=f"meta ({m.algorithm})", unit="step", file=sys.stderr,
+                   disable=not (main and t.progress), dynamic_ncols=True)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        while step < t.max_steps:
+            tick = time.perf_counter()
+            theta = {n: p.detach() for n, p in model.named_parameters()}
+            pseudo = {n: torch.zeros_like(theta[n]) for n in names}
+            losses = torch.zeros(3, device=acc.device)  # support loss before, after adaptation; query loss
+            batch = episodes(tasks, m.tasks_per_step, m.k_shot, m.query if m.algorithm == "fomaml" else 0,
+                             t.seed, step)
+            for ep in batch[rank::world]:
+                torch.manual_seed(ep["seed"])  # dropout: a function of the episode too
+                support = to(collate(train_data, ep["support"], pad_id, False), acc.device)
+                start = dict(theta)
+                for n in head:  # a new task's head from zeros (its own number of classes)
+                    start[n] = torch.zeros((ep["classes"], *theta[n].shape[1:]), device=acc.device)
+                phi, before, after = adapt(model, start, support, m.inner_steps, m.inner_lr)
+                losses[0] += before
+                losses[1] += after
+                if m.algorithm == "reptile":
+                    for n in names:
+                        pseudo[n] += theta[n] - phi[n]
+                else:
+                    query = to(collate(train_data, ep["query"], pad_id, False), acc.device)
+                    loss, grads = loss_and_grads(model, phi, query, names)
+                    losses[2] += loss
+                    for n, g in zip(names, grads):
+                        pseudo[n] += g
+            if world > 1:  # each rank summed its share of the episodes; every rank applies the same mean
+                for n in names:
+                    torch.distributed.all_reduce(pseudo[n])
+                torch.distributed.all_reduce(losses)
+            for n, p in zip(names, params):
+                p.grad = pseudo[n] / len(batch)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["episodes"] += len(batch)
+            state["train_seconds"] += time.perf_counter() - tick
+            losses = (losses / len(batch)).tolist()
+            record = {"step": step, "loss": losses[0], "loss/adapted": losses[1], "lr": scheduler.get_last_lr()[0]}
+            if m.algorithm == "fomaml":
+                record["loss/query"] = losses[2]
+            if metrics and (step % t.log_every == 0 or step == t.max_steps):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[0]:.4f}", adapted=f"{losses[1]:.4f}")
+            stop = signals.received is not None
+            if main and (step % (t.eval_every or t.max_steps) == 0 or step == t.max_steps or stop):
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, state, t.keep_checkpoints)
+            acc.wait_for_everyone()
+            if stop and step < t.max_steps:
+                bar.close()
+                if main:
+                    log(f"stopped by {signals.received} at outer step {step}/{t.max_steps}; checkpoint saved. "
+                        f"Resume with: sftlab train {run_dir / 'config.yaml'} --resume {run_dir}")
+                return run_dir
+        bar.close()
+        if main:
+            out = cfg.model_copy(update={"task": "classification", "tasks": None, "meta": None})
+            save_best(run_dir, model, tokenizer, out, label_sets[0], step, {})
+            summary = {"run_dir": str(run_dir), "algorithm": m.algorithm, "steps": step,
+                       "episodes": state["episodes"], "train_seconds": round(state["train_seconds"], 3),
+                       "final_loss": losses[0], "final_adapted_loss": losses[1], "processes": world,
+                       "meta_learned_head": shared, "dev_metrics": {}}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"meta-training: {step} outer steps, {state['episodes']} episodes in {state['train_seconds']:.1f}s")
+        acc.wait_for_everyone()
+        return run_dir
+
+
+def task_rows(data, need: int) -> list[dict]:
+    """Per task: its rows by class, checked to hold `need` (support + query) rows in every class."""
+    out = []
+    for k, head in enumerate(data.heads):
+        lo, hi = data.offsets[k], data.offsets[k + 1]
+        by_class = [[i for i in range(lo, hi) if data.labels[i] == c] for c in range(len(head.labels))]
+        short = [(head.labels[c], len(r)) for c, r in enumerate(by_class) if len(r) < need]
+        if short:
+            raise DataError(f"tasks.{head.name}: meta.k_shot (+ meta.query) needs {need} rows per class, but "
+                            + ", ".join(f"class {n!r} has {c}" for n, c in short) + "; lower meta.k_shot")
+        out.append({"name": head.name, "by_class": by_class})
+    return out
+
+
+def episodes(tasks: list[dict], n: int, k: int, q: int, seed: int, step: int) -> list[dict]:
+    """The outer step's episodes, a pure function of (seed, step): tasks drawn without replacement while they
+    last, per class k support and q query rows (disjoint), and a seed for the episode's dropout."""
+    rng = np.random.default_rng([seed, step])
+    picks = np.concatenate([rng.permutation(len(tasks)) for _ in range(-(-n // len(tasks)))])[:n]
+    out = []
+    for e, ti in enumerate(picks):
+        support, query = [], []
+        for rows in tasks[ti]["by_class"]:
+            order = rng.permutation(len(rows))
+            support += [rows[j] for j in order[:k]]
+            query += [rows[j] for j in order[k:k + q]]
+        out.append({"task": tasks[ti]["name"], "classes": len(tasks[ti]["by_class"]), "support": sorted(support),
+                    "query": sorted(query), "seed": int(rng.integers(2**31))})
+    return out
+
+
+def adapt(model, params: dict, batch: dict, steps: int, lr: float) -> tuple[dict, float, float]:
+    """`steps` SGD steps from `params` on one batch (functional: the module's own weights are not touched);
+    returns (adapted params, loss at the first step, loss at the last step)."""
+    names = list(params)
+    first = last = float("nan")
+    for s in range(steps):
+        loss, grads = loss_and_grads(model, params, batch, names)
+        first = loss if s == 0 else first
+        last = loss
+        params = {n: (params[n] - lr * g).detach() for n, g in zip(names, grads)}
+    return params, first, last
+
+
+def loss_and_grads(model, params: dict, batch: dict, names: list[str]) -> tuple[float, tuple]:
+    leaves = {n: params[n].detach().requires_grad_(n in names) for n in params}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = functional_call(model, leaves, args=(), kwargs=inputs).logits
+    loss = F.cross_entropy(logits.float(), batch["labels"])
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+    return float(loss.detach()), tuple(torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads))
+
+
+def head_linear(model) -> list[str]:
+    """The parameter names of the head's last Linear (its output size is the number of classes)."""
+    heads = anatomy(model).head
+    last = max((n.rsplit(".", 1)[0] for n in heads if n.endswith(".weight")), key=heads.index)
+    return [n for n in heads if n.rsplit(".", 1)[0] == last]
+
+
+def to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,173 @@
+"""The meta-learning loop as equations: inner_steps 0 is the identity; Reptile with one episode per step, outer lr 1
+and k inner SGD steps == k plain SGD steps on the same batch; FOMAML's outer step is AdamW's first step on the
+query gradient at the adapted weights; episodes are pure in (seed, step); resume == uninterrupted; 2 processes == 1."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_rows, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def meta_overrides(tiny_model_dir, tmp_path) -> list[str]:
+    """Three sentiment tasks (same labels), 40 rows each, the tiny BERT, fp32, no warmup, constant schedule."""
+    tasks = [f"tasks.t{i}.train={write_jsonl(tmp_path / f't{i}.jsonl', make_rows(40, seed=10 + i))}"
+             for i in range(3)]
+    return [f"model.name={tiny_model_dir}", "task=multitask", *tasks, "meta.k_shot=4", "meta.query=4",
+            "meta.inner_steps=3", "meta.inner_lr=0.05", "meta.tasks_per_step=2", "train.max_steps=4",
+            "train.warmup_steps=0", "train.schedule=constant", "train.precision=fp32", "train.progress=false",
+            "train.tensorboard=false", "data.max_length=32", f"output_dir={tmp_path / 'run'}"]
+
+
+def run(over: list[str], **kw):
+    from sftlab.config import load_config
+    from sftlab.train.loop import train
+
+    return train(load_config(None, over), **kw)
+
+
+def weights(run_dir) -> dict:
+    return load_file(str(run_dir / "best" / "model.safetensors"))
+
+
+def start_model(tiny_model_dir):
+    from sftlab.models import load_model
+
+    return load_model(str(tiny_model_dir), "classification", ["negative", "positive"], seed=0)
+
+
+def episode_batch(over, step, n=None):
+    """The support and query batches of `step`'s episodes, rebuilt with the loop's own functions."""
+    from sftlab.config import load_config
+    from sftlab.data.batches import collate
+    from sftlab.data.prepare import prepare
+    from sftlab.models import load_tokenizer
+    from sftlab.train.meta_loop import episodes, task_rows
+
+    cfg = load_config(None, over)
+    tok = load_tokenizer(cfg.model.name)
+    data = prepare(cfg, tok, ("train",)).encoded["train"]
+    m = cfg.meta
+    eps = episodes(task_rows(data, m.k_shot + m.query), n or m.tasks_per_step, m.k_shot,
+                   m.query if m.algorithm == "fomaml" else 0, cfg.train.seed, step)
+    return [(collate(data, e["support"], tok.pad_token_id, False), collate(data, e["query"], tok.pad_token_id, False)
+             if e["query"] else None) for e in eps]
+
+
+def test_zero_inner_steps_leave_the_weights_unchanged(meta_overrides, tiny_model_dir):
+    got = weights(run(meta_overrides + ["meta.inner_steps=0"]))
+    want = start_model(tiny_model_dir).state_dict()
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+
+
+def test_reptile_outer_lr_1_one_episode_is_plain_sgd(meta_overrides, tiny_model_dir):
+    over = meta_overrides + ["meta.tasks_per_step=1", "meta.outer_lr=1.0", "train.max_steps=1"]
+    got = weights(run(over))
+    (support, _), = episode_batch(over, 0)
+    model = start_model(tiny_model_dir).train()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):  # meta.inner_steps, on the whole support set each time
+        sgd.zero_grad()
+        torch.nn.functional.cross_entropy(model(**{k: v for k, v in support.items() if k != "labels"}).logits,
+                                          support["labels"]).backward()
+        sgd.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fomaml_step_is_adamw_on_the_query_gradient_at_the_adapted_weights(meta_overrides, tiny_model_dir):
+    over = meta_overrides + ["meta.algorithm=fomaml", "meta.tasks_per_step=1", "train.max_steps=1",
+                             "train.lr=1e-3", "train.weight_decay=0"]
+    got = weights(run(over))
+    (support, query), = episode_batch(over, 0)
+    theta = start_model(tiny_model_dir)
+    phi = copy.deepcopy(theta).train()
+    sgd = torch.optim.SGD(phi.parameters(), lr=0.05)
+    for batch in (support,) * 3 + (query,):
+        sgd.zero_grad()
+        torch.nn.functional.cross_entropy(phi(**{k: v for k, v in batch.items() if k != "labels"}).logits,
+                                          batch["labels"]).backward()
+        if batch is not query:
+            sgd.step()
+    # AdamW's first step (bias-corrected): theta - lr * g / (|g| + eps); the gradient is the query loss's at phi
+    grads = dict(phi.named_parameters())
+    for k, p in theta.named_parameters():
+        g = grads[k].grad
+        torch.testing.assert_close(got[k], p.detach() - 1e-3 * g / (g.abs() + 1e-8), rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_episodes_are_pure_in_seed_and_step(meta_overrides):
+    from sftlab.train.meta_loop import episodes
+
+    tasks = [{"name": f"t{i}", "by_class": [list(range(100 * i, 100 * i + 20)), list(range(100 * i + 50,
+                                                                                       100 * i + 70))]}
+             for i in range(3)]
+    a, b = episodes(tasks, 4, 3, 2, 0, 7), episodes(tasks, 4, 3, 2, 0, 7)
+    assert a == b and a != episodes(tasks, 4, 3, 2, 0, 8) and a != episodes(tasks, 4, 3, 2, 1, 7)
+    assert sorted(e["task"] for e in a[:3]) == ["t0", "t1", "t2"]  # without replacement while tasks last
+    for e in a:
+        assert len(e["support"]) == 6 and len(e["query"]) == 4 and not set(e["support"]) & set(e["query"])
+
+
+def test_resume_equals_uninterrupted(meta_overrides, tmp_path, monkeypatch):
+    import sftlab.train.meta_loop as meta
+
+    whole = weights(run(meta_overrides + [f"output_dir={tmp_path / 'whole'}"]))
+    real = meta.save_checkpoint
+
+    def crash(run_dir, step, *a, **k):
+        out = real(run_dir, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt
+        return out
+
+    over = meta_overrides + ["train.eval_every=2", f"output_dir={tmp_path / 'cut'}"]
+    monkeypatch.setattr(meta, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(over)
+    monkeypatch.setattr(meta, "save_checkpoint", real)
+    resumed = weights(run(over, resume=tmp_path / "cut"))
+    for k, v in whole.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
+def test_two_processes_equal_one(meta_overrides, tmp_path, algorithm):
+    from tests.unit.test_ddp import LAUNCHERS, free_port
+
+    common = [o for o in meta_overrides if not o.startswith("output_dir")] + [f"meta.algorithm={algorithm}",
+                                                                              "meta.tasks_per_step=4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = {}
+    for name, launcher in (("two", LAUNCHERS["torchrun"](free_port())), ("one", ["-m", "sftlab"])):
+        out[name] = tmp_path / name
+        proc = subprocess.run([sys.executable, *launcher, "train", "-", *common, f"output_dir={out[name]}"],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(out["two"]), weights(out["one"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    (["drop:tasks.t1", "drop:tasks.t2"], "meta: learns across tasks: set task: multitask with two or more"),
+    (["meta.k_shot=30"], "meta.k_shot (+ meta.query) needs"),
+    (["meta.algorithm=fomaml", "meta.inner_steps=0"], "inner_steps must be >= 1 with fomaml"),
+])
+def test_bad_input_is_one_line_and_exit_2(meta_overrides, capsys, change, message):
+    from sftlab.cli import main
+
+    drop = tuple(c[5:] for c in change if c.startswith("drop:"))
+    over = [o for o in meta_overrides if not (drop and o.startswith(drop))]
+    code = main(["train", "-", *over, *[c for c in change if not c.startswith("drop:")]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
