@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from .errors import SftlabError
+from .errors import ConfigError, SftlabError
 
 
 def cmd_train(args) -> None:
@@ -51,6 +51,23 @@ def cmd_compare(args) -> None:
     failed = [r["name"] for r in rows if "error" in r]
     if failed:
         raise SftlabError(f"{', '.join(failed)} failed; see the log above and their run directories under {out}")
+
+
+def cmd_adapt(args) -> None:
+    from pathlib import Path
+
+    from .adapt import adapt, table
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1,2,3,4") from None
+    out = Path(args.out or f"runs/adapt-{Path(args.start.rstrip('/')).name}-k{args.k_shot}")
+    result = adapt(args.start, args.data, k_shot=args.k_shot, seeds=seeds, dev=args.dev, steps=args.steps,
+                   lr=args.lr, overrides=args.overrides, out=out, resume=args.resume, workers=_workers(args.workers))
+    print(table(result))
+    print(f"runs under {out}/; figures in {out / 'adapt.json'}", file=sys.stderr)
+    print(json.dumps({k: result[k] for k in ("metric", "mean", "std", "per_seed")}))
 
 
 def cmd_sweep(args) -> None:
@@ -435,6 +452,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="reuse finished runs in --out, resume the others")
     w.add_argument("--workers", type=int, default=1, help="runs at a time (the cores are shared between them)")
     w.set_defaults(fn=cmd_sweep)
+
+    ad = sub.add_parser("adapt", help="fine-tune a start (run dir or model) on K labels per class of a new task, "
+                                      "per seed; prints mean ± std and one JSON line last")
+    ad.add_argument("start", help="RUN_DIR (its best/), a model folder or a packaged model name")
+    ad.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. data.text=sentence, "
+                                                 "model.head_from=NAME for a multitask start)")
+    ad.add_argument("--data", required=True, help="labelled file of the new task; the K-shot samples come from it")
+    ad.add_argument("--dev", help="file scored at the end (default: the rows of --data outside the sample)")
+    ad.add_argument("--k-shot", type=int, required=True, help="labelled rows per class")
+    ad.add_argument("--seeds", default="0,1,2,3,4", help="k-shot sample seeds (default 0,1,2,3,4)")
+    ad.add_argument("--steps", type=int, default=50, help="fine-tuning steps per seed (default 50)")
+    ad.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    ad.add_argument("--out", help="folder for the runs (default runs/adapt-<start>-k<K>)")
+    ad.add_argument("--resume", action="store_true", help="reuse finished seeds in --out, resume the others")
+    ad.add_argument("--workers", type=int, default=1, help="runs at a time (the cores are shared between them)")
+    ad.set_defaults(fn=cmd_adapt)
 
     st = sub.add_parser("self-train", help="self-training on data.unlabelled: round 0 on the labels, each next round "
                                            "adds confident pseudo-labels; prints the last run directory last")

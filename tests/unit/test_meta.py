@@ -171,3 +171,24 @@ def test_bad_input_is_one_line_and_exit_2(meta_overrides, capsys, change, messag
     code = main(["train", "-", *over, *[c for c in change if not c.startswith("drop:")]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_adapt_scores_a_meta_start_per_seed_and_prints_json_last(meta_overrides, tmp_path, capsys):
+    """`sftlab adapt` from a meta-learned run: one child run per seed on K rows per class, scored on the rows of
+    --data outside each sample; the last stdout line is the JSON summary of the primary metric."""
+    import json
+
+    from sftlab.cli import main
+
+    meta_run = run(meta_overrides)
+    new = write_jsonl(tmp_path / "new.jsonl", make_rows(30, seed=99))
+    assert main(["adapt", str(meta_run), "--data", str(new), "--k-shot", "2", "--seeds", "0,1", "--steps", "3",
+                 "--out", str(tmp_path / "adapt"), "train.precision=fp32", "data.max_length=32"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
+    assert last["metric"] == "accuracy" and len(last["per_seed"]) == 2
+    assert abs(last["mean"] - sum(last["per_seed"]) / 2) < 1e-12
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / "adapt" / f"k2-seed{seed}" / "summary.json").read_text())
+        assert summary["data"]["dev"]["rows"] == 30 - 4  # the file minus its 2 x 2 sampled rows
+        assert summary["dev_metrics"]["accuracy"] == last["per_seed"][seed]

@@ -74,8 +74,15 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
             continue
         cols = d.model_copy(update=d.dev_columns) if d.dev_columns and name != "train" else d
         split, out.labels = load_split(cols, path, cfg.task, out.labels, limit=limits[name])
+        if name == "dev" and d.k_shot and d.train and _same_file(d, path, d.train) and "train" in out.splits:
+            # the training file as dev set beside a k-shot sample: its rows outside the sample (`sftlab adapt`)
+            taken = {e.line for e in sample.examples}
+            kept = [e for e in split.examples if e.line not in taken]
+            split = Split(f"{split.source} (minus its {len(split.examples) - len(kept)} k-shot rows)", kept,
+                          split.skipped)
         if name == "train" and d.k_shot:
             split, dev = take_k_shot(split, out.labels.names, d.k_shot, d.k_shot_seed, d.k_shot_dev)
+            sample = split
             if dev is not None and "dev" in splits:
                 out.splits["dev"], out.encoded["dev"] = dev, encode(tokenizer, dev.examples, d.max_length)
         if name == "train" and d.augment is not None:
@@ -90,6 +97,10 @@ def prepare(cfg: RunConfig, tokenizer, splits=("train", "dev", "test")) -> Prepa
         out.splits["unlabelled"] = split = _unlabelled(d, cfg.task, out.splits)
         out.encoded["unlabelled"] = encode(tokenizer, split.examples, d.max_length)
     return out
+
+
+def _same_file(d, a: str, b: str) -> bool:
+    return Path(resolve_path(d, a)).resolve() == Path(resolve_path(d, b)).resolve()
 
 
 def _unlabelled(d, task: str, labelled: dict[str, Split]) -> Split:
