@@ -472,6 +472,9 @@ class MetaConfig(_Section):
     """Support rows per class in an episode."""
     query: int = 8
     """fomaml: query rows per class (disjoint from the support set) for the outer gradient; reptile reads none."""
+    group_by: str | int | None = None
+    """Instead of tasks: entries, task: classification with one data.train file whose column of this name (or
+    index) splits the rows into the meta-training tasks (e.g. domain); one label set, so the head is meta-learned."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -615,10 +618,14 @@ class RunConfig(_Section):
         return self
 
     def _check_meta(self) -> None:
-        if self.task != "multitask" or not self.tasks or len(self.tasks) < 2:
+        if self.meta.group_by is not None:
+            if self.task != "classification" or self.tasks:
+                raise ValueError("meta.group_by splits one classification file into tasks: set task: classification "
+                                 "and data.train (no tasks: section), or remove meta.group_by")
+        elif self.task != "multitask" or not self.tasks or len(self.tasks) < 2:
             raise ValueError("meta: learns across tasks: set task: multitask with two or more tasks: entries (each a "
-                             "classification task, e.g. one per domain)")
-        kinds = [n for n, e in self.tasks.items() if e.task != "classification"]
+                             "classification task, e.g. one per domain), or meta.group_by: COLUMN on one file")
+        kinds = [n for n, e in (self.tasks or {}).items() if e.task != "classification"]
         if kinds:
             raise ValueError(f"meta: tasks {', '.join(kinds)} are not classification; meta-learning adapts "
                              "classifiers (remove them)")

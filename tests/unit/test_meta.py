@@ -51,13 +51,15 @@ def episode_batch(over, step, n=None):
     from sftlab.data.batches import collate
     from sftlab.data.prepare import prepare
     from sftlab.models import load_tokenizer
-    from sftlab.train.meta_loop import episodes, task_rows
+    from sftlab.train.meta_loop import episodes, task_groups, task_rows
 
     cfg = load_config(None, over)
     tok = load_tokenizer(cfg.model.name)
-    data = prepare(cfg, tok, ("train",)).encoded["train"]
+    prepared = prepare(cfg, tok, ("train",))
+    data = prepared.encoded["train"]
     m = cfg.meta
-    eps = episodes(task_rows(data, m.k_shot + m.query), n or m.tasks_per_step, m.k_shot,
+    eps = episodes(task_rows(task_groups(cfg, prepared), data.labels, m.k_shot + m.query), n or m.tasks_per_step,
+                   m.k_shot,
                    m.query if m.algorithm == "fomaml" else 0, cfg.train.seed, step)
     return [(collate(data, e["support"], tok.pad_token_id, False), collate(data, e["query"], tok.pad_token_id, False)
              if e["query"] else None) for e in eps]
@@ -104,6 +106,23 @@ def test_fomaml_step_is_adamw_on_the_query_gradient_at_the_adapted_weights(meta_
     for k, p in theta.named_parameters():
         g = grads[k].grad
         torch.testing.assert_close(got[k], p.detach() - 1e-3 * g / (g.abs() + 1e-8), rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_group_by_on_one_file_equals_the_same_rows_as_tasks(meta_overrides, tmp_path):
+    """meta.group_by: a domain column of one classification file gives the tasks that tasks: entries holding the same
+    rows give (same episodes, same weights)."""
+    import json
+
+    rows = []
+    for i in range(3):
+        rows += [r | {"domain": f"t{i}"} for r in make_rows(40, seed=10 + i)]
+    one = write_jsonl(tmp_path / "all.jsonl", rows)
+    grouped = [o for o in meta_overrides if not o.startswith(("tasks.", "task=", "output_dir"))] + [
+        "task=classification", f"data.train={one}", "meta.group_by=domain", f"output_dir={tmp_path / 'grouped'}"]
+    a, b = weights(run(meta_overrides)), weights(run(grouped))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+    assert json.loads((tmp_path / "grouped" / "best" / "sftlab.json").read_text())["task"] == "classification"
 
 
 def test_episodes_are_pure_in_seed_and_step(meta_overrides):

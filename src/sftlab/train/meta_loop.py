@@ -66,8 +66,9 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
         if main:
             log(format_report(data.report(cfg.task)))
         train_data = data.encoded["train"]
-        tasks = task_rows(train_data, m.k_shot + (m.query if m.algorithm == "fomaml" else 0))
-        label_sets = [h.labels for h in train_data.heads]
+        groups = task_groups(cfg, data)
+        tasks = task_rows(groups, train_data.labels, m.k_shot + (m.query if m.algorithm == "fomaml" else 0))
+        label_sets = [labels for _, _, labels in groups]
         shared = all(ls == label_sets[0] for ls in label_sets)
         model = load_model(cfg.model.name, "classification", label_sets[0], seed=t.seed,
                            trust_remote_code=cfg.model.trust_remote_code, pooling=cfg.model.pooling)
@@ -164,17 +165,41 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
         return run_dir
 
 
-def task_rows(data, need: int) -> list[dict]:
+def task_groups(cfg: RunConfig, data) -> list[tuple[str, list[int], list[str]]]:
+    """(name, rows, class names) of each meta-training task: the tasks: entries, or meta.group_by's groups."""
+    enc = data.encoded["train"]
+    if cfg.meta.group_by is None:
+        return [(h.name, list(range(enc.offsets[k], enc.offsets[k + 1])), h.labels) for k, h in enumerate(enc.heads)]
+    from ..data.examples import _column_getter, _header, resolve_path
+    from ..data.read import read_table
+
+    d = cfg.data
+    table = read_table(resolve_path(d, d.train), header=_header(d), skip_invalid=d.skip_invalid)
+    try:
+        get = _column_getter(table, cfg.meta.group_by, "group_by")
+    except DataError as e:
+        raise DataError(str(e).replace("data.group_by", "meta.group_by")) from None
+    group_of = {line: str(get(row)) for line, row in table.rows}
+    by: dict[str, list[int]] = {}
+    for i, e in enumerate(data.splits["train"].examples):
+        by.setdefault(group_of[e.line], []).append(i)
+    if len(by) < 2:
+        raise DataError(f"{table.source}: meta.group_by={cfg.meta.group_by!r} gives {len(by)} group; meta-learning "
+                        f"needs two or more tasks")
+    return [(f"group {g!r}", rows, data.labels.names) for g, rows in sorted(by.items())]
+
+
+def task_rows(groups: list[tuple[str, list[int], list[str]]], labels: list[int], need: int) -> list[dict]:
     """Per task: its rows by class, checked to hold `need` (support + query) rows in every class."""
     out = []
-    for k, head in enumerate(data.heads):
-        lo, hi = data.offsets[k], data.offsets[k + 1]
-        by_class = [[i for i in range(lo, hi) if data.labels[i] == c] for c in range(len(head.labels))]
-        short = [(head.labels[c], len(r)) for c, r in enumerate(by_class) if len(r) < need]
+    for name, rows, names in groups:
+        by_class = [[i for i in rows if labels[i] == c] for c in range(len(names))]
+        short = [(names[c], len(r)) for c, r in enumerate(by_class) if len(r) < need]
         if short:
-            raise DataError(f"tasks.{head.name}: meta.k_shot (+ meta.query) needs {need} rows per class, but "
+            where = f"tasks.{name}" if not name.startswith("group ") else name
+            raise DataError(f"{where}: meta.k_shot (+ meta.query) needs {need} rows per class, but "
                             + ", ".join(f"class {n!r} has {c}" for n, c in short) + "; lower meta.k_shot")
-        out.append({"name": head.name, "by_class": by_class})
+        out.append({"name": name, "by_class": by_class})
     return out
 
 
