@@ -104,3 +104,23 @@ def test_bad_inputs(tiny_overrides, toy_data):
     with pytest.raises(ConfigError, match="task classification"):
         sftlab.train(sftlab.load_config(None, tiny_overrides + ["objective.name=contrastive_pairs", "task=regression",
                                                                 "data.label=label"]))
+
+
+def test_logistic_head_on_a_non_linear_head_is_refused_before_training(tiny_overrides, tmp_path):
+    """RoBERTa/MPNet heads are dense + tanh + projection: head logistic cannot write them. Said at start, not after
+    the whole run at its first evaluation (it once cost an hour of mpnet training)."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    import sftlab
+    from sftlab.errors import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("model.name")))
+    folder = tmp_path / "tiny-roberta"
+    RobertaModel(RobertaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=130)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    over = [o for o in tiny_overrides if not o.startswith("model.name")] + [f"model.name={folder}",
+                                                                         "objective.name=contrastive_pairs"]
+    with pytest.raises(ConfigError, match="head is RobertaClassificationHead; use objective.head=end_to_end"):
+        sftlab.train(sftlab.load_config(None, over))
+    assert not (tmp_path / "run").exists()
