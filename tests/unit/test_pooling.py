@@ -63,6 +63,13 @@ def test_run_saves_it_and_every_loader_reads_it(tiny_model_dir, tiny_overrides, 
     with torch.inference_mode():
         want = model(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
     np.testing.assert_allclose(load_exported(best).logits(texts), want, atol=1e-5, rtol=0)
+    from sftlab.serve.backend import load_backend
+
+    served = load_backend(run)  # the server's own loader (its first-token shortcut must stay off)
+    got = served.predict([(t, None) for t in texts])
+    assert [p["label"] for p in got] == [meta["labels"][i] for i in want.argmax(-1)]
+    probs = torch.softmax(torch.from_numpy(want), -1).max(-1).values.tolist()
+    assert [p["score"] for p in got] == pytest.approx(probs, abs=1e-5)
     for fmt in ("hf", "onnx"):  # export's own parity check compares with the run; and here, once more
         out = tmp_path / fmt
         assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
