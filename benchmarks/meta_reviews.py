@@ -1,7 +1,7 @@
 """Issue 20's measurement: leave-one-domain-out meta-learning on the five review domains.
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/meta_reviews.py [--held-out airline,books,dvd,electronics,kitchen]
-        [--k 4,8,16] [--seeds 0,1,2,3,4] [--starts pretrained,sft,reptile,fomaml] [--outer-steps 300]
+        [--k 4,8,16] [--seeds 0,1,2,3,4] [--starts pretrained,sft,reptile,fomaml] [--outer-steps 100]
         [--out runs/meta-reviews] [--results benchmarks/results/meta_reviews.json] [--table-only]
 
 For each held-out domain D: meta-train on the other four (`meta:` on a task: multitask config, one task per domain;
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--k", default="4,8,16")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--starts", default="pretrained,sft,reptile,fomaml")
-    ap.add_argument("--outer-steps", type=int, default=300)
+    ap.add_argument("--outer-steps", type=int, default=100)
     ap.add_argument("--out", default="runs/meta-reviews")
     ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
     ap.add_argument("--table-only", action="store_true")

@@ -472,6 +472,9 @@ class MetaConfig(_Section):
     """Support rows per class in an episode."""
     query: int = 8
     """fomaml: query rows per class (disjoint from the support set) for the outer gradient; reptile reads none."""
+    episodes: int | None = None
+    """The run's length in episodes instead of train.max_steps (outer steps = episodes / tasks_per_step, rounded
+    up); set one of the two."""
     group_by: str | int | None = None
     """Instead of tasks: entries, task: classification with one data.train file whose column of this name (or
     index) splits the rows into the meta-training tasks (e.g. domain); one label set, so the head is meta-learned."""
@@ -484,6 +487,8 @@ class MetaConfig(_Section):
         if self.inner_steps < 0 or (self.inner_steps == 0 and self.algorithm == "fomaml"):
             raise ValueError(f"inner_steps must be >= 1 with fomaml (0 would make it plain multi-task SGD on the "
                              f"query sets), got {self.inner_steps}")
+        if self.episodes is not None and self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         if self.outer_lr is not None and not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if self.algorithm == "fomaml" and self.query < 1:
@@ -632,6 +637,8 @@ class RunConfig(_Section):
         if self.strategy.name != "full":
             raise ValueError(f"meta: adapts every weight; strategy.name: {self.strategy.name} is not available with "
                              "it (use full, the default)")
+        if self.meta.episodes is not None and self.train.max_steps is not None:
+            raise ValueError("meta.episodes and train.max_steps both set the run's length; keep one")
         if self.objective.name != "sft" or self.mixture is not None:
             raise ValueError("meta: draws its own episodes from the task's own loss; remove objective and mixture")
 

@@ -211,3 +211,16 @@ def test_adapt_scores_a_meta_start_per_seed_and_prints_json_last(meta_overrides,
         summary = json.loads((tmp_path / "adapt" / f"k2-seed{seed}" / "summary.json").read_text())
         assert summary["data"]["dev"]["rows"] == 30 - 4  # the file minus its 2 x 2 sampled rows
         assert summary["dev_metrics"]["accuracy"] == last["per_seed"][seed]
+
+
+def test_episodes_set_the_length_as_max_steps_does(meta_overrides, tmp_path):
+    """meta.episodes=7 at 2 per step is 4 outer steps: the run of train.max_steps=4."""
+    import json
+
+    a = weights(run(meta_overrides))
+    over = [o for o in meta_overrides if not o.startswith(("train.max_steps", "output_dir"))]
+    b_dir = run(over + ["meta.episodes=7", f"output_dir={tmp_path / 'episodes'}"])
+    b = weights(b_dir)
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+    assert json.loads((b_dir / "summary.json").read_text())["steps"] == 4

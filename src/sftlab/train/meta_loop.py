@@ -50,8 +50,10 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
     """Meta-train as configured (`meta:` section); returns the run directory, its best/ the final weights as a
     classifier of the tasks' labels: the start `sftlab adapt` and `model.name` take."""
     m, t = cfg.meta, cfg.train
+    if m.episodes:  # the length in episodes: as many outer steps as hold them
+        t = t.model_copy(update={"max_steps": -(-m.episodes // m.tasks_per_step)})
     if not t.max_steps:
-        raise ConfigError("meta: counts outer steps: set train.max_steps (e.g. 1000)")
+        raise ConfigError("meta: counts outer steps: set train.max_steps (e.g. 300) or meta.episodes")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     AcceleratorState._reset_state(reset_partial_state=False)
