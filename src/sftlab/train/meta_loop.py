@@ -15,6 +15,7 @@ LEOPARD (Bansal et al. 2020) meta-learns a head generator instead; not built.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, trim_log
 from .optim import build_optimizer, build_schedule
 from .rundir import open_run_dir, save_best
+from .tracking import Tracker
 
 
 def log(msg: str) -> None:
@@ -94,6 +96,7 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
         if main and resume:
             trim_log(run_dir / "metrics.jsonl", step)
         metrics = open(run_dir / "metrics.jsonl", "a") if main else None
+        tracker = Tracker(run_dir, cfg, resume_step=step if ckpts else None, enabled=main)  # tensorboard, mlflow
         bar = tqdm(total=t.max_steps, initial=step, desc=f"meta ({m.algorithm})", unit="step", file=sys.stderr,
                    disable=not (main and t.progress), dynamic_ncols=True)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -134,26 +137,31 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
             step += 1
             state["episodes"] += len(batch)
             state["train_seconds"] += time.perf_counter() - tick
-            losses = (losses / len(batch)).tolist()
-            record = {"step": step, "loss": losses[0], "loss/adapted": losses[1], "lr": scheduler.get_last_lr()[0]}
+            losses = [x if math.isfinite(x) else None for x in (losses / len(batch)).tolist()]  # (0 inner steps)
+            record = {"step": step, "loss": losses[0], "loss/adapted": losses[1], "lr": scheduler.get_last_lr()[0],
+                      "episodes_per_s": len(batch) / (time.perf_counter() - tick)}
             if m.algorithm == "fomaml":
                 record["loss/query"] = losses[2]
             if metrics and (step % t.log_every == 0 or step == t.max_steps):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                tracker.log({k: v for k, v in record.items() if v is not None})
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[0]:.4f}", adapted=f"{losses[1]:.4f}")
+            if losses[0] is not None:
+                bar.set_postfix(loss=f"{losses[0]:.4f}", adapted=f"{losses[1]:.4f}")
             stop = signals.received is not None
             if main and (step % (t.eval_every or t.max_steps) == 0 or step == t.max_steps or stop):
                 save_checkpoint(run_dir, step, model, optimizer, scheduler, state, t.keep_checkpoints)
             acc.wait_for_everyone()
             if stop and step < t.max_steps:
                 bar.close()
+                tracker.close()
                 if main:
                     log(f"stopped by {signals.received} at outer step {step}/{t.max_steps}; checkpoint saved. "
                         f"Resume with: sftlab train {run_dir / 'config.yaml'} --resume {run_dir}")
                 return run_dir
         bar.close()
+        tracker.close()
         if main:
             out = cfg.model_copy(update={"task": "classification", "tasks": None, "meta": None})
             save_best(run_dir, model, tokenizer, out, label_sets[0], step, {})
