@@ -72,15 +72,23 @@ def model_pair(model_dir, task="classification", attention="sdpa"):
     return a, b
 
 
-def assert_same_logits_and_grads(reference, patched) -> None:
-    """On a padded batch in train mode (the tiny model has no dropout, so it is deterministic): logits equal and every
-    parameter's gradient equal (or absent on both)."""
+def padded_batch():
+    """(input_ids, attention_mask) of 4 rows x 11 tokens, row 1 padded after 7 tokens, row 3 after 2."""
     import torch
 
     ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     mask[3, 2:] = 0
+    return ids, mask
+
+
+def assert_same_logits_and_grads(reference, patched) -> None:
+    """On a padded batch in train mode (the tiny model has no dropout, so it is deterministic): logits equal and every
+    parameter's gradient equal (or absent on both)."""
+    import torch
+
+    ids, mask = padded_batch()
     for m in (reference, patched):
         m.train()
         m(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import assert_same_logits_and_grads, best_weights_per_setting, model_pair
+from tests.conftest import assert_same_logits_and_grads, best_weights_per_setting, model_pair, padded_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -13,12 +13,7 @@ def _pair(tiny_model_dir, attention="sdpa"):
     return model_pair(tiny_model_dir, attention=attention)
 
 
-def _batch():
-    ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[3, 2:] = 0
-    return ids, mask
+_batch = padded_batch
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

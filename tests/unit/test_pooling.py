@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import model_pair
+from tests.conftest import model_pair, padded_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _batch():
-    ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    return ids, mask
 
 
 def test_logits_are_the_head_on_the_masked_mean(tiny_model_dir):
@@ -27,14 +19,14 @@ def test_logits_are_the_head_on_the_masked_mean(tiny_model_dir):
     plain, mean = model_pair(tiny_model_dir)
     assert apply_pooling(mean, "mean") and apply_pooling(mean, "mean")  # idempotent
     plain.eval(), mean.eval()
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     with torch.no_grad():
         hidden = plain.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         by_hand = plain.classifier(masked_mean(hidden, mask))
         torch.testing.assert_close(mean(input_ids=ids, attention_mask=mask).logits, by_hand, rtol=1e-5, atol=1e-6)
-        # padding is not read: row 2 alone (2 tokens) == row 2 in the padded batch
-        alone = mean(input_ids=ids[2:, :2], attention_mask=mask[2:, :2]).logits
-        torch.testing.assert_close(alone, by_hand[2:], rtol=1e-5, atol=1e-6)
+        # padding is not read: row 3 alone (2 tokens) == row 3 in the padded batch
+        alone = mean(input_ids=ids[3:, :2], attention_mask=mask[3:, :2]).logits
+        torch.testing.assert_close(alone, by_hand[3:], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, by_hand)  # it is a change
 
 

@@ -52,7 +52,7 @@ def apply_pooling(model, pooling: str | None = None) -> bool:
     if base is None or base is inner or getattr(inner.config, "is_decoder", False):
         raise ConfigError(f"model.pooling: mean needs an encoder with a head on top ({type(inner).__name__} has "
                           f"none); remove model.pooling")
-    inner.config.__setattr__(CONFIG_KEY, "mean")
+    setattr(inner.config, CONFIG_KEY, "mean")
     if getattr(base, "_sftlab_mean", False):
         return True
     pooler = getattr(base, "pooler", None)
