@@ -224,3 +224,27 @@ def test_episodes_set_the_length_as_max_steps_does(meta_overrides, tmp_path):
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
     assert json.loads((b_dir / "summary.json").read_text())["steps"] == 4
+
+
+def test_bf16_autocast_is_the_main_loops_rule(meta_overrides, tiny_model_dir):
+    """train.precision=bf16: the inner steps run under bf16 autocast (as loop.py's steps do), so Reptile at outer
+    lr 1 with one episode still equals plain SGD under the same autocast; fp32 weights, summary says bf16."""
+    import json
+
+    over = [o for o in meta_overrides if o != "train.precision=fp32"]
+    over += ["train.precision=bf16", "meta.tasks_per_step=1", "meta.outer_lr=1.0", "train.max_steps=1"]
+    run_dir = run(over)
+    got = weights(run_dir)
+    (support, _), = episode_batch(over, 0)
+    model = start_model(tiny_model_dir).train()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        sgd.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**{k: v for k, v in support.items() if k != "labels"}).logits
+        torch.nn.functional.cross_entropy(logits.float(), support["labels"]).backward()
+        sgd.step()
+    for k, v in model.state_dict().items():
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((run_dir / "summary.json").read_text())["precision"] == "bf16"

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import broadcast_object_list
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
@@ -35,6 +36,7 @@ from ..errors import ConfigError, DataError
 from ..models import load_model, load_tokenizer
 from ..models.load import check_model
 from ..models.pooling import unused_parameters
+from ..precision import describe as describe_precision, resolve as resolve_precision
 from ..strategies.anatomy import anatomy
 from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, trim_log
@@ -61,6 +63,11 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
     AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(cpu=not torch.cuda.is_available())  # the process group; no DDP wrapper (updates by hand)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    # The main loop's precision rule (train.precision; auto = bf16 autocast where measured faster); the inner
+    # updates and the pseudo-gradient stay fp32, only the forward/backward matmuls run in bf16.
+    bf16 = resolve_precision(t.precision, acc.device)
+    if t.precision == "auto" and world > 1:  # every rank takes rank 0's measurement
+        bf16 = bool(broadcast_object_list([bf16])[0])
     check_model(cfg.model.name, max_length=cfg.data.max_length, trust_remote_code=cfg.model.trust_remote_code)
     with StopSignals(graceful_stop) as signals:
         run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
@@ -69,6 +76,8 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
         data = prepare(cfg, tokenizer, ("train",))
         if main:
             log(format_report(data.report(cfg.task)))
+            if t.precision == "auto":
+                log(describe_precision(bf16, t.precision))
         train_data = data.encoded["train"]
         groups = task_groups(cfg, data)
         tasks = task_rows(groups, train_data.labels, m.k_shot + (m.query if m.algorithm == "fomaml" else 0))
@@ -113,7 +122,7 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
                 start = dict(theta)
                 for n in head:  # a new task's head from zeros (its own number of classes)
                     start[n] = torch.zeros((ep["classes"], *theta[n].shape[1:]), device=acc.device)
-                phi, before, after = adapt(model, start, support, m.inner_steps, m.inner_lr)
+                phi, before, after = adapt(model, start, support, m.inner_steps, m.inner_lr, bf16)
                 losses[0] += before
                 losses[1] += after
                 if m.algorithm == "reptile":
@@ -121,7 +130,7 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
                         pseudo[n] += theta[n] - phi[n]
                 else:
                     query = to(collate(train_data, ep["query"], pad_id, False), acc.device)
-                    loss, grads = loss_and_grads(model, phi, query, names)
+                    loss, grads = loss_and_grads(model, phi, query, names, bf16)
                     losses[2] += loss
                     for n, g in zip(names, grads):
                         pseudo[n] += g
@@ -168,7 +177,7 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
             summary = {"run_dir": str(run_dir), "algorithm": m.algorithm, "steps": step,
                        "episodes": state["episodes"], "train_seconds": round(state["train_seconds"], 3),
                        "final_loss": losses[0], "final_adapted_loss": losses[1], "processes": world,
-                       "meta_learned_head": shared, "dev_metrics": {}}
+                       "meta_learned_head": shared, "precision": "bf16" if bf16 else "fp32", "dev_metrics": {}}
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"meta-training: {step} outer steps, {state['episodes']} episodes in {state['train_seconds']:.1f}s")
         acc.wait_for_everyone()
@@ -230,23 +239,25 @@ def episodes(tasks: list[dict], n: int, k: int, q: int, seed: int, step: int) ->
     return out
 
 
-def adapt(model, params: dict, batch: dict, steps: int, lr: float) -> tuple[dict, float, float]:
+def adapt(model, params: dict, batch: dict, steps: int, lr: float, bf16: bool = False) -> tuple[dict, float, float]:
     """`steps` SGD steps from `params` on one batch (functional: the module's own weights are not touched);
     returns (adapted params, loss at the first step, loss at the last step)."""
     names = list(params)
     first = last = float("nan")
     for s in range(steps):
-        loss, grads = loss_and_grads(model, params, batch, names)
+        loss, grads = loss_and_grads(model, params, batch, names, bf16)
         first = loss if s == 0 else first
         last = loss
         params = {n: (params[n] - lr * g).detach() for n, g in zip(names, grads)}
     return params, first, last
 
 
-def loss_and_grads(model, params: dict, batch: dict, names: list[str]) -> tuple[float, tuple]:
+def loss_and_grads(model, params: dict, batch: dict, names: list[str], bf16: bool = False) -> tuple[float, tuple]:
     leaves = {n: params[n].detach().requires_grad_(n in names) for n in params}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = functional_call(model, leaves, args=(), kwargs=inputs).logits
+    device = batch["labels"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        logits = functional_call(model, leaves, args=(), kwargs=inputs).logits
     loss = F.cross_entropy(logits.float(), batch["labels"])
     grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
     return float(loss.detach()), tuple(torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads))
