@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from torch.func import functional_call
 from tqdm.auto import tqdm
