@@ -478,6 +478,10 @@ class MetaConfig(_Section):
     group_by: str | int | None = None
     """Instead of tasks: entries, task: classification with one data.train file whose column of this name (or
     index) splits the rows into the meta-training tasks (e.g. domain); one label set, so the head is meta-learned."""
+    head_init: Literal["prototypes", "zeros"] = "prototypes"
+    """Tasks whose label sets differ get a fresh head per episode: prototypes (Proto-MAML, Triantafillou et al. 2020:
+    weight 2*mean feature of each class on the support set, bias -|mean|^2, so the first logits rank classes by
+    distance to their mean) or zeros (uniform first predictions). Tasks sharing one label set meta-learn the head."""
 
     @model_validator(mode="after")
     def _check(self):

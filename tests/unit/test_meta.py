@@ -248,3 +248,71 @@ def test_bf16_autocast_is_the_main_loops_rule(meta_overrides, tiny_model_dir):
         assert got[k].dtype == torch.float32
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((run_dir / "summary.json").read_text())["precision"] == "bf16"
+
+
+def three_class_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = {"low": ["cold", "small", "quiet"], "mid": ["plain", "usual", "fair"], "high": ["hot", "huge", "loud"]}
+    return [{"text": f"the room was {rng.choice(words[y])} today", "label": y}
+            for i in range(n) for y in [("low", "mid", "high")[i % 3]]]
+
+
+def test_prototype_head_scores_classes_by_distance_to_their_support_mean(tiny_model_dir):
+    """Proto-MAML's head: logits == -|f - mu_c|^2 + |f|^2 for the features f the head's Linear reads, so softmax
+    over classes is the prototype network's; zeros gives uniform logits."""
+    from torch.func import functional_call
+
+    from sftlab.models import load_tokenizer
+    from sftlab.train.meta_loop import episode_head, head_linear
+
+    model = start_model(tiny_model_dir).train()
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = three_class_rows(9, seed=0)
+    support = dict(tok([r["text"] for r in rows], padding=True, return_tensors="pt"))
+    support["labels"] = torch.tensor([("low", "mid", "high").index(r["label"]) for r in rows])
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    head = head_linear(model)
+    zeros = episode_head(model, theta, head, support, 3, "zeros", False)
+    assert all(v.shape[0] == 3 and not v.any() for v in zeros.values())
+    proto = episode_head(model, theta, head, support, 3, "prototypes", False)
+    assert model.training  # back in train mode after the feature pass
+    feats = []
+    linear = model.get_submodule(head[0].rsplit(".", 1)[0])
+    hook = linear.register_forward_hook(lambda m, a, r: feats.append(a[0]))
+    model.eval()
+    with torch.no_grad():
+        logits = functional_call(model, {**theta, **proto}, args=(),
+                                 kwargs={k: v for k, v in support.items() if k != "labels"}).logits
+    hook.remove()
+    f = feats[0]
+    mu = torch.stack([f[support["labels"] == c].mean(0) for c in range(3)])
+    want = -((f[:, None] - mu[None]) ** 2).sum(-1) + (f * f).sum(-1, keepdim=True)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["zeros", "prototypes"])
+def test_tasks_with_different_label_sets_get_a_fresh_head_per_episode(meta_overrides, tmp_path, init):
+    """A 2-class and a 3-class task: the head is built per episode and never meta-updated (the saved head is the
+    start's); with zeros, the first support loss is exactly the mean of ln(classes) over the step's episodes."""
+    import json
+    import math
+
+    from sftlab.train.meta_loop import head_linear
+
+    three = write_jsonl(tmp_path / "three.jsonl", three_class_rows(30, seed=3))
+    over = [o for o in meta_overrides if not o.startswith(("tasks.t2", "output_dir", "train.max_steps"))]
+    over += [f"tasks.t2.train={three}", f"meta.head_init={init}", "train.max_steps=2", "train.log_every=1",
+             f"output_dir={tmp_path / init}"]
+    run_dir = run(over)
+    got, start = weights(run_dir), start_model(meta_overrides[0].split("=", 1)[1]).state_dict()
+    for n in head_linear(start_model(meta_overrides[0].split("=", 1)[1])):
+        torch.testing.assert_close(got[n], start[n], rtol=0, atol=0)
+    assert not json.loads((run_dir / "summary.json").read_text())["meta_learned_head"]
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    eps = episode_batch(over, 0)
+    if init == "zeros":
+        want = sum(math.log(len(set(s["labels"].tolist()))) for s, _ in eps) / len(eps)
+        assert first["loss"] == pytest.approx(want, rel=1e-5)
+    assert math.isfinite(first["loss/adapted"])

@@ -9,8 +9,10 @@ resume and logging are loop.py's own functions. The inner loop runs on a dict of
 torch.func.functional_call: no copy of the module per episode, and the module itself is only written by the outer
 step. Pitfalls, each pinned by tests/unit/test_meta.py: an episode must be a pure function of (seed, outer step) for
 resume and 2 processes to be exact, dropout included (seeded per episode); with label sets that differ between
-tasks the head cannot be meta-learned: each episode starts it from zeros and the outer step leaves it alone.
-LEOPARD (Bansal et al. 2020) meta-learns a head generator instead; not built.
+tasks the head cannot be meta-learned: each episode builds its own and the outer step leaves it alone. By default
+that head is Proto-MAML's (Triantafillou et al. 2020, arXiv:1903.03096, section 3.3: the class means of the support
+set's features as the weights, first-order: the means are constants); LEOPARD (Bansal et al. 2020) meta-learns a
+head generator instead, not built.
 """
 from __future__ import annotations
 
@@ -120,8 +122,8 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
                 torch.manual_seed(ep["seed"])  # dropout: a function of the episode too
                 support = to(collate(train_data, ep["support"], pad_id, False), acc.device)
                 start = dict(theta)
-                for n in head:  # a new task's head from zeros (its own number of classes)
-                    start[n] = torch.zeros((ep["classes"], *theta[n].shape[1:]), device=acc.device)
+                if head:  # a new task's head, sized to its own number of classes
+                    start.update(episode_head(model, theta, head, support, ep["classes"], m.head_init, bf16))
                 phi, before, after = adapt(model, start, support, m.inner_steps, m.inner_lr, bf16)
                 losses[0] += before
                 losses[1] += after
@@ -266,8 +268,37 @@ def loss_and_grads(model, params: dict, batch: dict, names: list[str], bf16: boo
 def head_linear(model) -> list[str]:
     """The parameter names of the head's last Linear (its output size is the number of classes)."""
     heads = anatomy(model).head
-    last = max((n.rsplit(".", 1)[0] for n in heads if n.endswith(".weight")), key=heads.index)
+    linears = [n.rsplit(".", 1)[0] for n in heads if n.endswith(".weight")]
+    last = max(linears, key=lambda m: heads.index(m + ".weight"))
     return [n for n in heads if n.rsplit(".", 1)[0] == last]
+
+
+def episode_head(model, theta: dict, head: list[str], support: dict, classes: int, init: str, bf16: bool) -> dict:
+    """The head's last Linear for one episode: zeros, or Proto-MAML's prototypes: with mu_c the mean over class c's
+    support rows of the features that Linear reads (computed without dropout), weight_c = 2 mu_c and
+    bias_c = -|mu_c|^2, so logit_c = -|f - mu_c|^2 + |f|^2 and the softmax is the prototype network's."""
+    weight = next(n for n in head if n.endswith(".weight"))
+    bias = next((n for n in head if n.endswith(".bias")), None)
+    out = {n: torch.zeros((classes, *theta[n].shape[1:]), device=theta[n].device) for n in head}
+    if init == "zeros":
+        return out
+    feats = []
+    linear = model.get_submodule(weight.rsplit(".", 1)[0])
+    hook = linear.register_forward_hook(lambda mod, args, result: feats.append(args[0].detach().float()))
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(support["labels"].device.type, dtype=torch.bfloat16, enabled=bf16):
+            functional_call(model, {**theta, **out}, args=(),
+                            kwargs={k: v for k, v in support.items() if k != "labels"})
+    finally:
+        hook.remove()
+        model.train()
+    f = feats[0] if feats[0].dim() == 2 else feats[0][:, 0]  # (rows, features); a head reading tokens: the first
+    mu = torch.stack([f[support["labels"] == c].mean(0) for c in range(classes)])
+    out[weight] = 2 * mu
+    if bias:
+        out[bias] = -(mu * mu).sum(1)
+    return out
 
 
 def to(batch: dict, device) -> dict:
