@@ -9,5 +9,10 @@ bash scripts/setup.sh
 command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && \
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } \
   || echo "note: chromium not installed; the report browser test will skip (or fail under CI=true)" >&2
+# tests/unit/test_search_workers.py starts a throw-away PostgreSQL server (initdb/pg_ctl from Debian's package).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && \
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || (apt-get update -qq && \
+   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)); } \
+  || echo "note: postgresql not installed; the distributed search test will skip (or fail under CI=true)" >&2
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q "$@"

@@ -131,7 +131,7 @@ def cmd_tune(args) -> None:
     from .tune import table, tune
 
     result = tune(_config_path(args.config), args.overrides, args.trials, space_file=args.space,
-                  storage=args.storage, study_name=args.study_name, out=args.out)
+                  storage=args.storage, study_name=args.study_name, out=args.out, heartbeat=args.heartbeat)
     print(table(result))
     print(result["best"]["config"])
 
@@ -488,8 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("overrides", nargs="*", help="key.sub=value overrides for every trial")
     u.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study (resumes count)")
     u.add_argument("--space", metavar="FILE", help="YAML holding the search section (replaces the config's)")
-    u.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    u.add_argument("--storage", metavar="URL", help="sqlite:///PATH (default OUT/study.db), postgresql://USER@HOST/DB "
+                                                    "or journal:PATH: the study its workers share (docs/distributed.md)")
     u.add_argument("--study-name", help="study name in the storage (default: the config's stem)")
+    u.add_argument("--heartbeat", type=int, default=20, metavar="S", help="seconds between a running trial's "
+                   "heartbeats; after 3x this a killed worker's trial is marked failed and retried (default 20)")
     u.add_argument("--out", help="folder for trial-N runs, best.yaml, results.json (default runs/tune-<config>)")
     u.set_defaults(fn=cmd_tune)
 

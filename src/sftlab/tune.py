@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 
@@ -138,25 +137,13 @@ def _suggest(trial, key: str, spec: dict):
     return trial.suggest_float(key, float(low), float(high), step=step, log=log)
 
 
-def _open_study(storage: str, name: str, direction: str, seed: int, space: dict):
+def _open_study(storage: str, name: str, direction: str, seed: int, space: dict, heartbeat: int = 20):
     import optuna
 
-    kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for attempt in range(5):  # workers starting together race to create the tables
-            try:
-                rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=20,
-                                                 grace_period=60)
-                study = optuna.create_study(storage=rdb, study_name=name, direction=direction,
-                                            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-                                            load_if_exists=True)
-                break
-            except Exception as e:  # sqlalchemy errors; bad URLs end here too
-                if attempt == 4 or not storage.startswith("sqlite"):
-                    why = str(e).splitlines()[0]
-                    raise ConfigError(f"--storage {storage}: cannot open the study ({why})") from None
-                time.sleep(0.5 + attempt)
+    from .search_storage import open_study
+
+    study = open_study(storage, name, direction, heartbeat,
+                       pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study {name!r} in {storage} {study.direction.name.lower()}s, but this search "
                           f"{direction}s; use another --study-name")
@@ -171,10 +158,13 @@ def _open_study(storage: str, name: str, direction: str, seed: int, space: dict)
 
 
 def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file: str | None = None,
-         storage: str | None = None, study_name: str | None = None, out: str | None = None) -> dict:
+         storage: str | None = None, study_name: str | None = None, out: str | None = None,
+         heartbeat: int = 20) -> dict:
     """Run trials until the study holds n_trials finished (complete or pruned) ones; returns results.json."""
     import optuna
     from optuna.trial import TrialState
+
+    from .search_storage import fail_stale
 
     if n_trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {n_trials}")
@@ -200,7 +190,8 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
     study_name = study_name or stem
     existing = [p for p in out_dir.glob("trial-*") if p.is_dir()]  # listed before the study is read: no race
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial instead
-    study, sampler = _open_study(storage, study_name, spec["direction"], build_config(raw).train.seed, space)
+    study, sampler = _open_study(storage, study_name, spec["direction"], build_config(raw).train.seed, space,
+                                 heartbeat)
     numbers = {t.number for t in study.get_trials(deepcopy=False)}
     strangers = sorted(p.name for p in existing if p.name.removeprefix("trial-") not in map(str, numbers))
     if strangers:
@@ -264,9 +255,7 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
     fails, current, waiting, stop = 0, {}, False, None
     try:
         while True:
-            with warnings.catch_warnings():  # experimental in optuna, stable in use since 2.9
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # trials of killed workers (no heartbeat for 60 s)
+            fail_stale(study)  # trials of killed workers (no heartbeat for 3 x --heartbeat s): failed, retried
             trials = study.get_trials(deepcopy=False)
             done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
             if done >= n_trials:

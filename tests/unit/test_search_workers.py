@@ -1,0 +1,72 @@
+"""Searches shared by workers through a real database: `sftlab tune` with 3 worker processes on a throw-away
+PostgreSQL server (and on Optuna's journal file), one worker SIGKILLed mid-trial. The equations: exactly --trials
+trials finish (complete or pruned), the killed trial is FAIL (never a stuck RUNNING) and its parameters are retried,
+and best.yaml trains as-is."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.unit.test_tune import write_config
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def start_worker(cfg: Path, out: Path, storage: str, trials: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sftlab", "tune", str(cfg), "--trials", str(trials), "--out", str(out),
+           "--storage", storage, "--study-name", "toy", "--heartbeat", "1", "train.epochs=3"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def kill_at_first_trial(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """SIGKILL `proc` as soon as it announces its first trial (printed once the trial is RUNNING in the study,
+    before its model loads: a tiny trial may take under a second); returns what it wrote."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if line.startswith("trial ") and " -> " in line:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return "".join(seen)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    pytest.fail("the worker never started a trial:\n" + "".join(seen)[-2000:])
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "journal"])
+def test_three_workers_one_killed_share_one_study(backend, tiny_overrides, tmp_path, request):
+    storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else \
+        f"journal:{tmp_path / 'study.journal'}"
+    cfg, out, trials = write_config(tmp_path, tiny_overrides), tmp_path / "tune", 4
+    victim = start_worker(cfg, out, storage, trials)
+    kill_at_first_trial(victim)
+    workers = [start_worker(cfg, out, storage, trials) for _ in range(2)]
+    outs = [w.communicate(timeout=900) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1][-3000:] for o in outs]
+    assert {o[0].strip().splitlines()[-1] for o in outs} == {str(out / "best.yaml")}
+
+    from sftlab.search_storage import open_storage
+
+    study = optuna.load_study(study_name="toy", storage=open_storage(storage))
+    by_state = {s: [t for t in study.trials if t.state.name == s] for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING",
+                                                                           "WAITING")}
+    assert len(by_state["COMPLETE"]) + len(by_state["PRUNED"]) == trials
+    assert not by_state["RUNNING"] and not by_state["WAITING"]
+    killed = [t for t in by_state["FAIL"] if "error" not in t.user_attrs]  # no heartbeat: failed by a worker
+    assert len(killed) == 1, [(t.number, t.state.name, t.user_attrs) for t in study.trials]
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retry) == 1 and retry[0].params == killed[0].params
+    assert retry[0].state.name in ("COMPLETE", "PRUNED")
+    from sftlab.cli import main
+
+    assert main(["train", str(out / "best.yaml"), f"output_dir={tmp_path / 'best-run'}"]) == 0
