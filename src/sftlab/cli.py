@@ -78,7 +78,8 @@ def cmd_sweep(args) -> None:
     out = Path(args.out or f"runs/sweep-{Path(args.config).stem if args.config != '-' else 'overrides'}")
     mean_over = None if args.mean_over is None else [k for k in args.mean_over.split(",") if k]
     result = sweep(_config_path(args.config), args.over, args.overrides, out, resume=args.resume,
-                   workers=_workers(args.workers), mean_over=mean_over)
+                   workers=_workers(args.workers), mean_over=mean_over, storage=args.storage,
+                   study_name=args.study_name, heartbeat=args.heartbeat)
     print(markdown(result["settings"], result["keys"]))
     print(f"table: {out / 'sweep.md'} and {out / 'sweep.json'}; runs under {out}/", file=sys.stderr)
     failed = [r["name"] for r in result["rows"] if "error" in r]
@@ -451,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="folder for the runs and the table (default runs/sweep-<config>)")
     w.add_argument("--resume", action="store_true", help="reuse finished runs in --out, resume the others")
     w.add_argument("--workers", type=int, default=1, help="runs at a time (the cores are shared between them)")
+    w.add_argument("--storage", metavar="URL", help="share the grid between worker commands on any machines: "
+                   "postgresql://USER@HOST/DB, sqlite:///PATH or journal:PATH (--out on a shared filesystem)")
+    w.add_argument("--study-name", help="the grid's study in --storage (default: the --out folder's name)")
+    w.add_argument("--heartbeat", type=int, default=20, metavar="S", help="with --storage: seconds between a "
+                   "running combination's heartbeats; after 3x this a killed worker's run is retried (default 20)")
     w.set_defaults(fn=cmd_sweep)
 
     ad = sub.add_parser("adapt", help="fine-tune a start (run dir or model) on K labels per class of a new task, "

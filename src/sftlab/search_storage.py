@@ -46,8 +46,8 @@ def open_storage(url: str, heartbeat: int = 20):
                     now = time.time()
                     return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False,
                                                                       states=(TrialState.RUNNING,))
-                            if now - t.system_attrs.get("sftlab_heartbeat", t.datetime_start.timestamp())
-                            > 3 * heartbeat]
+                            if now - max(t.system_attrs.get("sftlab_heartbeat", 0.0), t.datetime_start.timestamp())
+                            > 3 * heartbeat]  # a retry inherits its failed trial's last beat: start counts too
 
                 def get_heartbeat_interval(self) -> int:
                     return heartbeat

@@ -70,13 +70,9 @@ def run_jobs(config: str | None, jobs: dict[str, list[str]], overrides: list[str
     """Train each job (name -> its overrides) in a child process, `workers` at a time; rows in job order."""
     # Validate every variant first. A base config's lora options are not a mistake when a variant is full: each
     # drops the options its strategy does not read, and its child trains that resolved config (OUT/variants/).
-    variants = {name: dump_config(load_config(config, overrides + extra, foreign_options=True))
-                for name, extra in jobs.items()}
     if out.exists() and any(out.iterdir()) and not resume:
         raise RunDirError(f"--out {out} exists and is not empty; continue it with --resume or choose another --out")
-    (out / "variants").mkdir(parents=True, exist_ok=True)
-    for name, text in variants.items():
-        (out / "variants" / f"{name}.yaml").write_text(text, encoding="utf-8")
+    write_variants(config, jobs, overrides, out)
     env = dict(os.environ)
     if workers > 1 and "OMP_NUM_THREADS" not in env:  # share the cores, not oversubscribe them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
@@ -117,6 +113,18 @@ def run_jobs(config: str | None, jobs: dict[str, list[str]], overrides: list[str
     return rows
 
 
+def write_variants(config: str | None, jobs: dict[str, list[str]], overrides: list[str], out: Path) -> None:
+    """OUT/variants/<job>.yaml, each job's resolved config, all validated before anything trains. A base config's
+    lora options are not a mistake when a variant is full: each drops the options its strategy does not read."""
+    variants = {name: dump_config(load_config(config, overrides + extra, foreign_options=True))
+                for name, extra in jobs.items()}
+    (out / "variants").mkdir(parents=True, exist_ok=True)
+    for name, text in variants.items():  # atomic: workers sharing OUT write the same files at once
+        tmp = out / "variants" / f".{name}.yaml.{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / "variants" / f"{name}.yaml")
+
+
 def _wait_any(running: dict) -> tuple | None:
     """The first of our children to end (pid, status, rusage), polling: wait4(-1) could reap a process that is not
     ours (a server a test started, say) and leave its owner without an exit status."""
@@ -140,7 +148,8 @@ def _saved_peak(out: Path, name: str) -> float | None:
 
 
 def sweep(config: str | None, over: list[str], overrides: list[str], out: Path, resume: bool = False,
-          workers: int = 1, mean_over: list[str] | None = None) -> dict:
+          workers: int = 1, mean_over: list[str] | None = None, storage: str | None = None,
+          study_name: str | None = None, heartbeat: int = 20) -> dict:
     overs = parse_over(over)
     keys = [k for k, _ in overs]
     repeats = mean_over if mean_over is not None else [k for k in keys if k.endswith("seed")]
@@ -159,7 +168,19 @@ def sweep(config: str | None, over: list[str], overrides: list[str], out: Path, 
         os.replace(tmp, out / "sweep.json")
         (out / "sweep.md").write_text(markdown(table, [k for k in keys if k not in repeats]) + "\n")
 
-    rows = run_jobs(config, jobs, overrides, out, resume, workers, on_rows=write)
+    if storage:  # shared by workers anywhere (sweep_shared.py); OUT on a filesystem they all see
+        from .sweep_shared import run_shared
+
+        if workers > 1:
+            raise ConfigError("--workers with --storage: start one worker command per process instead (each trains "
+                              "one combination at a time); they share the grid through the study")
+        write_variants(config, jobs, overrides, out)
+        env = dict(os.environ)
+        got = run_shared(list(jobs), out, storage, study_name or out.name, heartbeat, env)
+        rows = [got[n] for n in jobs]
+        write(rows)
+    else:
+        rows = run_jobs(config, jobs, overrides, out, resume, workers, on_rows=write)
     return {"rows": rows, "settings": summarise(rows, values, repeats), "keys": [k for k in keys if k not in repeats]}
 
 

@@ -70,3 +70,39 @@ def test_three_workers_one_killed_share_one_study(backend, tiny_overrides, tmp_p
     from sftlab.cli import main
 
     assert main(["train", str(out / "best.yaml"), f"output_dir={tmp_path / 'best-run'}"]) == 0
+
+
+def start_sweeper(overrides: list[str], out: Path, storage: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sftlab", "sweep", "-", *overrides, "train.epochs=2", "--over", "train.seed=0,1,2,3",
+           "--out", str(out), "--storage", storage, "--heartbeat", "1"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "journal"])
+def test_sweep_grid_shared_by_three_workers_one_killed(backend, tiny_overrides, tmp_path, request):
+    """`sftlab sweep --storage`: 3 workers, one SIGKILLed at its first combination; every combination is trained
+    and settled exactly once (the killed one retried by another worker), and every worker prints the same table."""
+    from tests.unit.test_compare import drop_output_dir
+
+    storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else \
+        f"journal:{tmp_path / 'sweep.journal'}"
+    over, out = drop_output_dir(tiny_overrides), tmp_path / "grid"
+    kill_at_first_trial(start_sweeper(over, out, storage))
+    workers = [start_sweeper(over, out, storage) for _ in range(2)]
+    outs = [w.communicate(timeout=900) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1][-3000:] for o in outs]
+    assert outs[0][0] == outs[1][0] and "| 4 |" in outs[0][0]  # one setting, 4 seeds averaged
+
+    import json
+
+    from sftlab.search_storage import open_storage
+
+    study = optuna.load_study(study_name=out.name, storage=open_storage(storage))
+    settled = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["job"] for t in settled) == ["0", "1", "2", "3"]
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    killed = [t for t in study.trials if t.state.name == "FAIL" and "error" not in t.user_attrs]
+    assert len(killed) == 1 and any(t.system_attrs.get("failed_trial") == killed[0].number for t in settled)
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["0", "1", "2", "3"] and not [r for r in rows if "error" in r]
