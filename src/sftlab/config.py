@@ -257,6 +257,31 @@ STRATEGY_OPTIONS = {
 }
 
 
+class DistributedConfig(_Section):
+    """train.distributed: how several processes (torchrun / accelerate launch) share the work; docs/distributed.md.
+    One process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """ddp: every process holds the whole model, gradients all-reduced (accelerate). fsdp: PyTorch FSDP2
+    (`fully_shard`): parameters, gradients and optimizer state sharded across processes, each transformer block
+    gathered for its own forward and backward (train/sharding.py). deepspeed: not built yet (refused)."""
+    wrap: list[str] | None = None
+    """fsdp: the module classes sharded as units (default: the model's own `_no_split_modules`, its transformer
+    block, e.g. BertLayer or LlamaDecoderLayer); the rest is sharded with the root."""
+    cpu_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (GPU runs short of memory);
+    the optimizer steps on the CPU."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.strategy == "deepspeed":
+            raise ValueError("strategy deepspeed is not built yet; use strategy: fsdp (FSDP2 shards parameters, gradients and "
+                             "optimizer state as ZeRO-3 does) or ddp")
+        if self.strategy != "fsdp" and (self.wrap is not None or self.cpu_offload):
+            raise ValueError("wrap and cpu_offload are fsdp settings; set strategy: fsdp or drop them")
+        return self
+
+
 class TrainConfig(_Section):
     epochs: float = 3
     """Passes over the training data (fractions allowed); ignored when max_steps is set."""
@@ -349,6 +374,8 @@ class TrainConfig(_Section):
     auto_batch_size: bool = False
     """On out of memory, halve the micro-batch and double grad_accum (same examples per step) and retry the step;
     the size found is kept in checkpoints for resume. One process only."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Several processes: ddp (default) or fsdp, DistributedConfig above."""
 
     @model_validator(mode="after")
     def _check(self):

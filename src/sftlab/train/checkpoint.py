@@ -56,10 +56,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
                 f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def save_model_streamed(model: torch.nn.Module, path: str, keep: set[str] | None = None) -> None:
+def save_model_streamed(model: torch.nn.Module, path: str, keep: set[str] | None = None,
+                        state: dict | None = None) -> None:
     """safetensors.torch.save_model (shared tensors stored once, the dropped names in the metadata), streamed.
-    `keep`: only these state-dict names (what trains, and buffers)."""
-    state = model.state_dict()
+    `keep`: only these state-dict names (what trains, and buffers); `state`: the model's (gathered) state dict."""
+    state = dict(model.state_dict() if state is None else state)
     if keep is not None:
         state = {k: v for k, v in state.items() if k in keep}
     metadata = {}
@@ -70,8 +71,8 @@ def save_model_streamed(model: torch.nn.Module, path: str, keep: set[str] | None
     save_tensors(state, path, metadata or None)
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(optimizer, sd: dict | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict() if sd is None else sd
     tensors = {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -79,7 +80,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     return {k: v.contiguous() for k, v in tensors.items()}, sd["param_groups"]
 
 
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
@@ -87,7 +88,7 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list[di
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -117,7 +118,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    extras: torch.nn.Module | None = None) -> Path:
+                    extras: torch.nn.Module | None = None, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """`model_state` / `optimizer_state`: a sharded run's gathered state dicts (train/sharding.py), written as
+    one process writes its own, so any process count resumes the checkpoint."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -127,10 +131,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     # Only what the optimizer can change (plus buffers): a LoRA run's frozen base is reloaded from model.name on
     # resume, not copied into every checkpoint (issue 15: 557 MB per checkpoint for 4.9M trained parameters).
     trained = _optimized_names(model, optimizer)
-    save_model_streamed(model, str(tmp / "model.safetensors"), trained)
+    save_model_streamed(model, str(tmp / "model.safetensors"), trained, model_state)
     if extras is not None and len(extras.state_dict()):
         save_model_streamed(extras, str(tmp / "extras.safetensors"))
-    opt_tensors, groups = _optimizer_tensors(optimizer)
+    opt_tensors, groups = _optimizer_tensors(optimizer, optimizer_state)
     save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -174,7 +178,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, extras: torch.nn.Mo
             raise RunDirError(f"{path}: this run trains {', '.join(dict(extras.named_children()))} beside the model "
                               f"but the checkpoint holds none (was it written by another objective?)")
         load_model(extras, str(path / "extras.safetensors"))
-    if meta.pop("model_tensors", None) == "optimized":  # frozen weights come from model.name, as at the start
+    from .sharding import is_sharded, load_full_state
+
+    if is_sharded(model):  # every rank reads the full tensors into its shards
+        meta.pop("model_tensors", None)
+        full = load_file(str(path / "model.safetensors"))
+        with open(path / "model.safetensors", "rb") as f:  # tied names dropped at save (the metadata maps them)
+            head = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for dropped, kept in (head.get("__metadata__") or {}).items():
+            if kept in full:
+                full[dropped] = full[kept]
+        load_full_state(model, optimizer, full, _optimizer_state(load_file(str(path / "optimizer.safetensors")),
+                                                                 meta.pop("param_groups")))
+    elif meta.pop("model_tensors", None) == "optimized":  # frozen weights come from model.name, as at the start
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         stale = set(missing) & _optimized_names(model, optimizer)
         if stale or unexpected:
@@ -182,7 +198,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, extras: torch.nn.Mo
                                f"unexpected {sorted(unexpected)[:3]})")
     else:  # checkpoints written before: the whole model
         load_model(model, str(path / "model.safetensors"))
-    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta.pop("param_groups"))
+    if "param_groups" in meta:
+        optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")),
+                                                   meta.pop("param_groups")))
     scheduler.load_state_dict(meta.pop("scheduler"))
     set_rng_state(load_file(str(path / "rng.safetensors")), meta.pop("rng"))
     return meta

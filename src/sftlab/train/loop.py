@@ -51,6 +51,7 @@ from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, param_groups, sparse_embedding_gradients
+from . import sharding
 from .rundir import check_labels, open_run_dir, save_best
 from .state import LoopState, Window
 from .tracking import Tracker
@@ -90,6 +91,7 @@ class Run:
     multiple: int
     model: Any  # what is called (DDP-wrapped when world > 1)
     raw_model: torch.nn.Module  # what is saved and evaluated
+    sharded: bool  # train.distributed.strategy fsdp in several processes: DTensor parameters (train/sharding.py)
     plan: Any  # strategies.Plan
     objective: Any
     extras: torch.nn.Module  # the objective's trainable modules beside the model
@@ -219,6 +221,12 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     for p in unused_parameters(model):  # BERT's pooler, bypassed by model.pooling: mean
         p.requires_grad_(False)
     model.to(acc.device)
+    # fsdp: shard before the optimizer exists (it must hold the sharded parameters) and instead of DDP's wrapper.
+    sharded = t.distributed.strategy == "fsdp" and acc.num_processes > 1
+    if t.distributed.strategy == "fsdp":  # checked in one process too: the config fails before a cluster job does
+        sharding.check(cfg, model)
+    if sharded:
+        model = sharding.shard(model, cfg)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
     # whatever it brings (distill: the teacher's cached logits, computed here once before training).
     objective = Objective(cfg, data, spec.loss, tokenizer)
@@ -239,16 +247,23 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM); unlabelled rows none. A
     # step's summed loss is divided by its rows' total, so accumulation, processes and packing give the same mean.
     unl_zeros = [0] * (len(train_data) - n_labelled)
+    if sharded and t.lazy_embeddings:  # its row-wise update reads whole embedding rows; a shard holds some rows
+        t = t.model_copy(update={"lazy_embeddings": False})
+        if main:
+            log("train.distributed fsdp: embeddings updated densely (train.lazy_embeddings off)")
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Trainable extras beside the model (distill's hidden projection): the optimizer's last groups, in every checkpoint
     extras = objective.extras().to(acc.device)
     for group in param_groups(extras, t.weight_decay, t.lr):
         optimizer.add_param_group(group)
+    if sharded and len(list(extras.parameters())):
+        raise ConfigError(f"objective.name: {cfg.objective.name} trains modules beside the model, which "
+                          "train.distributed.strategy: fsdp does not shard yet; use ddp")
     # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
     sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
     scheduler = build_schedule(optimizer, t, total_steps)
-    model = acc.prepare_model(model)
-    raw_model = acc.unwrap_model(model)
+    model = model if sharded else acc.prepare_model(model)
+    raw_model = model if sharded else acc.unwrap_model(model)
 
     # --- resume: model, extras, optimizer, scheduler, RNG and data position ---------------------------------
     state, step = LoopState(streams={"unlabelled": [0, 0]} if unlabelled is not None else {}), 0
@@ -275,7 +290,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         row_examples=list(spec.examples(train_data))[:n_labelled] + unl_zeros,  # packs count their examples
         step_size=step_size, total_steps=total_steps, token_budget=token_budget,
         eval_tokens=4 * token_budget if token_budget else None,  # no activations kept for backward: ~4x the tokens
-        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, plan=plan, objective=objective,
+        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, sharded=sharded, plan=plan, objective=objective,
         extras=extras, extra_params=list(extras.parameters()), optimizer=optimizer, scheduler=scheduler,
         sparse_grads=sparse_grads, state=state, step=step,
         accum=(state.grad_accum or t.grad_accum) if t.auto_batch_size else t.grad_accum,
@@ -385,7 +400,9 @@ def step_update(run: Run, step_batch: list[int], window: Window) -> tuple[torch.
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= acc.num_processes
     params = [*run.model.parameters(), *run.extra_params]
-    if run.sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
+    if run.sharded:  # the norm over every shard, as one process would compute it
+        grad_norm = sharding.grad_norm(params, t.max_grad_norm)
+    elif run.sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
         grad_norm = clip_grad_norm(params, t.max_grad_norm or float("inf"), run.optimizer)
     elif t.max_grad_norm:
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
@@ -524,12 +541,11 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
             bar.write(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), file=sys.stderr)
         if is_better(metric, scores[metric], state.best):
             state.best, state.best_step, state.bad_evals, state.best_scores = scores[metric], step, 0, scores
-            if run.main:
-                save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, step, scores)
+            best(run, scores)
         else:
             state.bad_evals += 1
-    elif run.main:
-        save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, step, {})
+    else:
+        best(run, {})
     checkpoint(run, window)
     stop = False
     if on_eval is not None and scores is not None and on_eval(step, scores):
@@ -545,8 +561,15 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
     return stop
 
 
+def best(run: Run, scores: dict) -> None:
+    """RUN_DIR/best: a plain HF folder; under fsdp the full weights are gathered first (every rank takes part)."""
+    full = sharding.full_model_state(run.raw_model) if run.sharded else None
+    if run.main:
+        save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, run.step, scores, state_dict=full)
+
+
 def refuse_nonfinite(run: Run) -> None:
-    bad = nonfinite_params(run.raw_model)
+    bad = sharding.nonfinite_params(run.raw_model) if run.sharded else nonfinite_params(run.raw_model)
     if bad:
         raise TrainingError(f"step {run.step}: the weights hold NaN/inf ({bad[0]}" + (f" and {len(bad) - 1} more"
                             if len(bad) > 1 else "") + "), so nothing was saved; lower train.lr or use "
@@ -558,9 +581,13 @@ def checkpoint(run: Run, window: Window) -> None:
     window.save_into(run.state)
     run.state.grad_accum = run.accum
     run.state.frozen = run.objective.frozen()
+    full = {}
+    if run.sharded:  # gathered on every rank; rank 0 writes the files a single process would
+        full = {"model_state": sharding.full_model_state(run.raw_model),
+                "optimizer_state": sharding.full_optimizer_state(run.raw_model, run.optimizer)}
     if run.main:
         save_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.scheduler, run.state.to_json(),
-                        run.cfg.train.keep_checkpoints, run.extras)
+                        run.cfg.train.keep_checkpoints, run.extras, **full)
     run.acc.wait_for_everyone()
 
 
@@ -599,7 +626,8 @@ def finish(run: Run) -> Path:
         "total_params": sum(p.numel() for p in raw_model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "best_metric": run.cfg.best_metric, "best_step": state.best_step, "dev_metrics": state.best_scores,
-        "processes": acc.num_processes, "device": str(acc.device), "precision": "bf16" if run.bf16 else "fp32",
+        "processes": acc.num_processes, "distributed": run.cfg.train.distributed.strategy if acc.num_processes > 1
+        else None, "device": str(acc.device), "precision": "bf16" if run.bf16 else "fp32",
         "data": run.data.report(run.cfg.task),
         "grad_accum": run.accum, "micro_batch_size": -(-run.step_size // (acc.num_processes * run.accum)),
         "micro_batch_tokens": run.token_budget, "pad_to_multiple_of": run.multiple, "allocator": allocator(),

@@ -109,8 +109,9 @@ def check_labels(run_dir: Path, labels: list[str] | None, resumed: bool, main: b
                           f"{labels}; resume with the run's own data, or pass --force-resume")
 
 
-def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int, scores: dict) -> None:
-    """Write RUN_DIR/best atomically (tmp folder, then swap)."""
+def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int, scores: dict,
+              state_dict: dict | None = None) -> None:
+    """Write RUN_DIR/best atomically (tmp folder, then swap). `state_dict`: the full weights of a sharded model."""
     final, tmp, old = run_dir / "best", run_dir / ".best.tmp", run_dir / ".best.old"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "sftlab_adapters"):  # bottleneck adapters: only what trained, plus the base's config
@@ -121,7 +122,7 @@ def save_best(run_dir: Path, model, tokenizer, cfg: RunConfig, labels, step: int
         save_adapter(model, tmp)
         adapter = "bottleneck"
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         adapter = "peft" if (tmp / "adapter_config.json").is_file() else None
     tokenizer.save_pretrained(tmp)
     from ..models import resolve_model
