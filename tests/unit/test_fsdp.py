@@ -59,3 +59,21 @@ def test_impossible_combinations_are_one_line_before_training(tiny_overrides, ca
     assert main(["train", "-", *tiny_overrides, *change]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_fsdp_equals_ddp_on_a_decoder(tiny_llama_dir, tmp_path):
+    """A causal LM (tied embeddings, the decoder layer as the unit): FSDP == DDP on 2 CPU processes."""
+    from tests.unit.test_causal_lm_train import chat_overrides
+
+    over = [o for o in chat_overrides.__wrapped__(tiny_llama_dir, tmp_path) if not o.startswith(
+        ("output_dir", "train.batch_size", "train.epochs"))]
+    common = over + ["train.epochs=1", "train.batch_size=4", "train.log_every=1", "train.lazy_embeddings=false",
+                     "train.precision=fp32", "train.progress=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    run_ok(LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.distributed.strategy=fsdp",
+                                                 f"output_dir={fsdp}"], env)
+    run_ok(LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, f"output_dir={ddp}"], env)
+    a, b = losses(fsdp), losses(ddp)
+    assert a and len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+    assert worst(weights(fsdp), weights(ddp)) <= 1e-5

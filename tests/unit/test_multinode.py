@@ -77,3 +77,26 @@ def test_resume_across_process_counts_1_2_1_equals_uninterrupted(tiny_overrides,
     run_ok(["-m", "sftlab", "train", "-", *common, "train.batch_size=8", f"--resume={b}"], env)
     assert worst(weights(b), weights(ref)) <= 1e-5
     assert max(int(p.name.split("-")[1]) for p in (b / "checkpoints").glob("step-*")) == 8
+
+
+def test_a_last_step_with_fewer_rows_than_processes(tiny_overrides, tmp_path):
+    """65 rows at a global batch of 8: the last step holds one row, so rank 1 has none; it still joins the step's
+    all-reduce (a zero-weighted pass on the step's row) and the weights equal one process's."""
+    from tests.conftest import make_rows, write_jsonl
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    data = write_jsonl(tmp_path / "odd.jsonl", make_rows(65, seed=4))
+    common = [o for o in common_of(tiny_overrides) if not o.startswith("data.train")] + [f"data.train={data}"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    for strategy in ("ddp", "fsdp"):
+        run_ok(LAUNCHERS["torchrun"](free_port()) + ["train", "-", *common, "train.batch_size=4",
+                                                     "train.lazy_embeddings=false",
+                                                     f"train.distributed.strategy={strategy}",
+                                                     f"output_dir={two / strategy}"], env)
+    run_ok(["-m", "sftlab", "train", "-", *common, "train.batch_size=8", "train.lazy_embeddings=false",
+            f"output_dir={one}"], env)
+    for strategy in ("ddp", "fsdp"):
+        assert worst(weights(two / strategy), weights(one)) <= 1e-5, strategy
+    import json
+
+    assert json.loads((one / "summary.json").read_text())["steps"] == 9

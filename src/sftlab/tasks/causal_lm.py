@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.fsdp import FSDPModule
 
 from ..registry import tasks
 from . import TaskSpec
@@ -23,9 +24,10 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
     keep = labels != -100
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
-    if isinstance(model, DistributedDataParallel) or prompt_learning:
-        # DDP syncs gradients only through its own forward; peft's prompt/prefix tuning injects its virtual
-        # tokens in its own forward (prompt tuning's logits include them at the front: keep the last L).
+    if isinstance(model, (DistributedDataParallel, FSDPModule)) or prompt_learning:
+        # DDP syncs gradients only through its own forward, and FSDP gathers the root's parameters (embeddings,
+        # head) in its own; peft's prompt/prefix tuning injects its virtual tokens in its own forward (prompt
+        # tuning's logits include them at the front: keep the last L).
         logits = model(**inputs).logits[:, -labels.shape[1]:][keep]
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), logits
     hidden = model.get_decoder()(**inputs).last_hidden_state

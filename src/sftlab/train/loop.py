@@ -453,15 +453,23 @@ def forward_backward(run: Run, rows: list[int], units: dict[str, int]) -> tuple[
     sync). Out of memory with train.auto_batch_size: halve the micro-batch, double accumulation, redo the step."""
     t, acc = run.cfg.train, run.acc
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    while True:
+    def split(rank: int) -> list[list[int]]:
         if run.unlabelled is None:
-            micro = micro_batches(rows, run.lengths, acc.num_processes, acc.process_index, run.accum, run.token_budget)
-        else:  # both streams in every micro-batch, in the step's proportion (objectives compare them per batch)
-            labelled = [r for r in rows if r < run.n_labelled]
-            micro = paired_micro_batches(labelled, rows[len(labelled):], run.lengths, acc.num_processes,
-                                         acc.process_index, run.accum, run.token_budget)
+            return micro_batches(rows, run.lengths, acc.num_processes, rank, run.accum, run.token_budget)
+        labelled = [r for r in rows if r < run.n_labelled]  # both streams in every micro-batch, in the step's
+        return paired_micro_batches(labelled, rows[len(labelled):], run.lengths, acc.num_processes,  # proportion
+                                    rank, run.accum, run.token_budget)
+
+    while True:
+        micro = split(acc.process_index)
+        # Every rank must take part in the step's collectives: DDP's all-reduce (one pass at least) and, under
+        # fsdp, the gathers of every pass (as many passes as the busiest rank). A rank short of rows (a short last
+        # step, a token budget cutting its long rows finer) runs zero-weighted passes on a row of the step. The
+        # counts are computed, not exchanged: every rank knows the step's rows and the split.
+        most = max(len(split(r)) for r in range(acc.num_processes)) if run.sharded else 1
+        fillers = max(0, most - len(micro)) if acc.num_processes > 1 else 0
         try:
-            return micro_pass(run, micro, units)
+            return micro_pass(run, micro + [rows[:1]] * fillers, units, len(micro))
         except Exception as e:  # noqa: BLE001  (only out-of-memory is handled; the rest re-raises)
             if not is_oom(e):
                 raise
@@ -487,8 +495,11 @@ def forward_backward(run: Run, rows: list[int], units: dict[str, int]) -> tuple[
                 f"{-(-size // 2)} (train.grad_accum {run.accum}, same examples per step)")
 
 
-def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int]) -> tuple[torch.Tensor, dict]:
+def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int], real: int | None = None
+               ) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of each micro-batch; those from index `real` on are fillers, weighted 0."""
     acc = run.acc
+    real = len(micro) if real is None else real
     step_loss, parts = torch.zeros((), device=acc.device), {}
 
     def collate(rows: list[int]) -> dict[str, torch.Tensor]:
@@ -506,6 +517,9 @@ def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int]) -> tuple
         with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
             out = run.objective(run.model, batch, idx, units)
         # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
+        if k >= real:  # a filler: the collectives run, the gradients stay as the real passes left them
+            acc.backward(out.total * 0.0)
+            continue
         acc.backward(out.total * acc.num_processes / units["train"])
         step_loss += out.total.detach().float()
         for name, part in out.parts.items():
