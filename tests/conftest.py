@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random BERT (2 layers) saved as an HF folder, and small data files."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -211,22 +212,15 @@ def crash_after_checkpoint(monkeypatch, *, step: int | None = None, calls: int |
     return real
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A throw-away PostgreSQL server (Debian's `postgresql` package) on a free loopback port: initdb into a
-    temporary folder, pg_ctl start, yield its URL, stop and remove it. Root (CI) runs the server as `postgres`,
-    which initdb requires. Skips without the package, fails under CI=true (scripts/test.sh installs it)."""
-    import glob
+@contextlib.contextmanager
+def postgres_server(initdb: str):
+    """A throw-away PostgreSQL server on a free loopback port: initdb into a temporary folder, pg_ctl start, yield
+    its URL, stop and remove it. Root (CI) runs the server as `postgres`, which initdb requires. Also used by
+    benchmarks/search_workers.py."""
     import shutil
     import socket
     import tempfile
 
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if not initdb:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed (apt-get install postgresql); scripts/test.sh installs it")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     pg_ctl = str(Path(initdb).with_name("pg_ctl"))
     root = Path(tempfile.mkdtemp(prefix="sftlab-pg-"))  # not under pytest's 0700 tmp: the server user reads it
     as_user: list[str] = []
@@ -247,3 +241,24 @@ def postgres_url():
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def find_initdb() -> str | None:
+    import glob
+    import shutil
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return bins[-1] if bins else shutil.which("initdb")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server for the session (postgres_server). Skips without Debian's `postgresql`
+    package, fails under CI=true (scripts/test.sh installs it)."""
+    initdb = find_initdb()
+    if not initdb:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed (apt-get install postgresql); scripts/test.sh installs it")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with postgres_server(initdb) as url:
+        yield url
