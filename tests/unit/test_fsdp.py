@@ -52,6 +52,8 @@ import pytest  # noqa: E402
     (["train.distributed.strategy=fsdp", "strategy.name=lora"], "fsdp trains strategy.name full"),
     (["train.distributed.strategy=fsdp", "train.distributed.wrap=[NoSuchLayer]"], "NoSuchLayer is not a module"),
     (["train.distributed.cpu_offload=true"], "fsdp settings"),
+    pytest.param(["train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"], "has no GPU",
+                 marks=pytest.mark.skipif("__import__('torch').cuda.is_available()")),
 ])
 def test_impossible_combinations_are_one_line_before_training(tiny_overrides, capsys, change, message):
     from sftlab.cli import main

@@ -23,6 +23,9 @@ def check(cfg, model) -> None:
                           f"{cfg.strategy.name}: adapters are small enough for ddp, which is the default)")
     if cfg.train.auto_batch_size:
         raise ConfigError("train.auto_batch_size works in one process; set train.batch_size by hand under fsdp")
+    if cfg.train.distributed.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("train.distributed.cpu_offload moves shards from GPU to CPU memory; this machine has no "
+                          "GPU (the parameters are in CPU memory already): drop it")
     wrap = cfg.train.distributed.wrap or list(getattr(model, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in model.modules()}
     missing = [w for w in wrap if w not in present]
