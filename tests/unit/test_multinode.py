@@ -1,5 +1,5 @@
 """Scale-out equations on one machine (issue 21): 2 nodes x 1 process through a real c10d rendezvous on the
-loopback == 1 process with the same global batch (and so == 1 node x 2 processes, tests/unit/test_ddp.py); a run
+loopback (torchrun) or `accelerate launch --num_machines 2` == 1 process with the same global batch (and so == 1 node x 2 processes, tests/unit/test_ddp.py); a run
 resumed across process counts, 1 -> 2 -> 1, == the uninterrupted run (checkpoints hold the global step, the data
 order is a function of (seed, epoch) and the global batch, not of the process count)."""
 from __future__ import annotations
@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from safetensors.torch import load_file
 
@@ -35,14 +37,22 @@ def common_of(tiny_overrides) -> list[str]:
         "train.epochs=1", "train.eval_every=2", "train.keep_checkpoints=10"]
 
 
-def test_two_nodes_one_process_each_equal_one_process(tiny_overrides, tmp_path):
+def node_command(launcher: str, port: int, rank: int) -> list[str]:
+    if launcher == "torchrun":  # c10d rendezvous: the node ranks are assigned at start
+        return ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sftlab-test", "-m", "sftlab"]
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+            "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sftlab"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_nodes_one_process_each_equal_one_process(tiny_overrides, tmp_path, launcher):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     common, port, two = common_of(tiny_overrides), free_port(), tmp_path / "two-nodes"
-    node = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sftlab-test", "-m", "sftlab", "train", "-",
-            *common, "train.batch_size=4", f"output_dir={two}"]
-    nodes = [subprocess.Popen([sys.executable, *node], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    args = ["train", "-", *common, "train.batch_size=4", f"output_dir={two}"]
+    nodes = [subprocess.Popen([sys.executable, *node_command(launcher, port, rank), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outs = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-3000:] for o in outs]
     one = tmp_path / "one"
