@@ -1,7 +1,8 @@
-"""Scale-out equations on one machine (issue 21): 2 nodes x 1 process through a real c10d rendezvous on the
-loopback (torchrun) or `accelerate launch --num_machines 2` == 1 process with the same global batch (and so == 1 node x 2 processes, tests/unit/test_ddp.py); a run
-resumed across process counts, 1 -> 2 -> 1, == the uninterrupted run (checkpoints hold the global step, the data
-order is a function of (seed, epoch) and the global batch, not of the process count)."""
+"""Scale-out equations on one machine (issue 21): 2 nodes x 1 process (torchrun's c10d rendezvous on the loopback,
+or `accelerate launch --num_machines 2`) == 1 process with the same global batch (and so == 1 node x 2 processes,
+tests/unit/test_ddp.py); a run resumed across process counts, 1 -> 2 -> 1, == the uninterrupted run (checkpoints
+hold the global step; the data order is a function of (seed, epoch) and the global batch, not of the process
+count); a last step with fewer rows than processes."""
 from __future__ import annotations
 
 import os
