@@ -79,7 +79,7 @@ def start_sweeper(overrides: list[str], out: Path, storage: str) -> subprocess.P
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "journal"])
+@pytest.mark.parametrize("backend", ["postgresql"])  # the journal's heartbeat: the tune test above
 def test_sweep_grid_shared_by_three_workers_one_killed(backend, tiny_overrides, tmp_path, request):
     """`sftlab sweep --storage`: 3 workers, one SIGKILLed at its first combination; every combination is trained
     and settled exactly once (the killed one retried by another worker), and every worker prints the same table."""
