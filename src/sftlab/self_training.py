@@ -107,7 +107,9 @@ def self_train(config: str | None, overrides: list[str], out: Path, rounds: int,
             pseudo_file, train_file = out / "data" / f"{name}-pseudo.jsonl", out / "data" / f"{name}-train.jsonl"
             if not train_file.is_file():
                 loaded = load_trained(str(out / f"round-{r - 1}" / "best"))
-                rows = list(predict_examples(loaded, pool, bf16=resolve("auto"), progress=f"pseudo-label {name}"))
+                # The run's own precision (train.precision): a pinned fp32 run labels exactly as `sftlab predict`.
+                rows = list(predict_examples(loaded, pool, bf16=resolve(base.train.precision),
+                                             progress=f"pseudo-label {name}"))
                 kept, note = select(rows, labels.names, threshold, max_per_class)
                 print(f"{name}: {len(kept)} pseudo-labelled rows of {len(pool)} unlabelled, {note}", file=sys.stderr)
                 write_jsonl(pseudo_file, kept)
