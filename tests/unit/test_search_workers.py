@@ -1,9 +1,11 @@
 """Searches shared by workers through a real database: `sftlab tune` with 3 worker processes on a throw-away
-PostgreSQL server (and on Optuna's journal file), one worker SIGKILLed mid-trial. The equations: exactly --trials
-trials finish (complete or pruned), the killed trial is FAIL (never a stuck RUNNING) and its parameters are retried,
-and best.yaml trains as-is."""
+PostgreSQL server (and on Optuna's journal file), one worker SIGKILLed mid-trial; `sftlab sweep --storage` the same
+way. The equations: exactly --trials trials finish (complete or pruned), the killed trial is FAIL (never a stuck
+RUNNING) and its parameters are retried, best.yaml trains as-is; a killed sweep worker's run resumes from its
+checkpoint and ends as the uninterrupted run."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,3 +108,40 @@ def test_sweep_grid_shared_by_three_workers_one_killed(backend, tiny_overrides, 
     assert len(killed) == 1 and any(t.system_attrs.get("failed_trial") == killed[0].number for t in settled)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["0", "1", "2", "3"] and not [r for r in rows if "error" in r]
+
+
+def test_a_killed_sweep_workers_run_is_resumed_from_its_checkpoint(tiny_overrides, tmp_path):
+    """The worker dies mid-run: the kernel sends its child `sftlab train` SIGTERM (PR_SET_PDEATHSIG), which saves a
+    checkpoint and exits; the next worker retries the combination with --resume from that checkpoint, and the
+    result equals an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from tests.unit.test_compare import drop_output_dir
+
+    storage, out = f"journal:{tmp_path / 'grid.journal'}", tmp_path / "grid"
+    over = drop_output_dir(tiny_overrides) + ["train.eval_every=2", "train.keep_checkpoints=20"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "SFTLAB_TEST_STEP_DELAY": "0.3"}
+    cmd = [sys.executable, "-m", "sftlab", "sweep", "-", *over, "--over", "train.seed=0", "--out", str(out),
+           "--storage", storage, "--heartbeat", "1"]
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    checkpoints = out / "0" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(checkpoints.glob("step-*/COMPLETE")):
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    time.sleep(3)  # the orphaned child saves its checkpoint on SIGTERM and exits
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and str(out / "variants") in
+                open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")], "the child outlived its worker"
+    stopped_at = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("step-*/COMPLETE"))
+    env.pop("SFTLAB_TEST_STEP_DELAY")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((out / "0" / "summary.json").read_text())
+    assert resumed["steps"] == 16 and stopped_at < 16
+    assert f"resumed from {checkpoints}" in done.stderr  # not retrained from scratch
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "sftlab", "train", "-", *over, "train.seed=0", f"output_dir={ref}"],
+                   check=True, capture_output=True, env=env, timeout=300)
+    a, b = (load_file(str(d / "checkpoints" / "step-0000016" / "model.safetensors")) for d in (out / "0", ref))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
