@@ -33,8 +33,8 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-def _tiny_bert(out: Path, hidden: int, seed: int) -> Path:
-    """A 2-layer BERT of this width (2 heads, no dropout) with the packaged minilm tokenizer, saved to `out`."""
+def _tiny_bert(out: Path, hidden: int, seed: int, dropout: float = 0.0) -> Path:
+    """A 2-layer BERT of this width (2 heads, no dropout unless given) with the packaged minilm tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -42,8 +42,8 @@ def _tiny_bert(out: Path, hidden: int, seed: int) -> Path:
 
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)

@@ -359,6 +359,11 @@ class TrainConfig(_Section):
     fast_dropout: bool = True
     """CPU dropout masks drawn four per random word instead of one (`bernoulli_`): same keep probability (p rounded
     to 1/32768), ~2x cheaper forward + backward; equal to nn.Dropout in distribution, not draw for draw."""
+    example_dropout: bool = False
+    """Dropout masks as a function of (seed, step, example, site) instead of a random stream: an example gets the
+    same masks in any batch, width or process, so 2 processes x batch 4 == 1 x batch 8 holds with dropout too
+    (docs/distributed.md). Opt-in: a counter-based hash costs ~5x fast_dropout's mask per site. Encoders need
+    train.fused_attention for their attention dropout; not with data.unlabelled."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)."""
     mlflow_uri: str | None = None

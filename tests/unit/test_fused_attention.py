@@ -37,7 +37,7 @@ def test_core_gradients_equal_autograd_reference_with_dropout(monkeypatch, mask_
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
     keep = torch.rand(2, 3, 5, 5, generator=g) > 0.3
-    monkeypatch.setattr(fa, "keep_mask", lambda shape, p, device: keep)
+    monkeypatch.setattr(fa, "draw", lambda shape, p, device, site: keep)
     pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
     pad[1, :, :, 3:] = False
     mask = {"none": None, "bool": pad,

@@ -57,8 +57,15 @@ def _first_token_forward(self, hidden_states, attention_mask=None, encoder_hidde
     v = sa.value(hidden_states).view(batch, length, -1, sa.attention_head_size).transpose(1, 2)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
         attention_mask = attention_mask[:, :, :1, :]  # the first query's row of a [B, 1, L, L] mask
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
-    out, _ = attend(sa, q, k, v, attention_mask, dropout=sa.dropout.p if sa.training else 0.0,
-                    scaling=sa.scaling, is_causal=False)
+    site = getattr(sa.dropout, "site", None)
+    if site is not None:  # train.example_dropout: the attention core that draws its mask per example
+        from .fused_attention import attention
+
+        out = attention(q, k, v, attention_mask, sa.dropout.p if sa.training else 0.0, sa.scaling,
+                        site).transpose(1, 2)
+    else:
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
+        out, _ = attend(sa, q, k, v, attention_mask, dropout=sa.dropout.p if sa.training else 0.0,
+                        scaling=sa.scaling, is_causal=False)
     attention_output = self.attention.output(out.reshape(batch, 1, -1).contiguous(), first)
     return self.feed_forward_chunk(attention_output)

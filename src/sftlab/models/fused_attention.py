@@ -23,7 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .fast_dropout import keep_mask
+from .example_dropout import draw
 from .probe import patched_equals_unpatched
 
 
@@ -32,7 +32,7 @@ class _AttentionCore(torch.autograd.Function):
     mask: None, bool [B, 1|h, Lq|1, Lk] (True = attend) or additive float of that shape. Returns [B, h, Lq, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, p: float, scale: float):
+    def forward(ctx, q, k, v, mask, p: float, scale: float, site: int | None = None):
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         if mask is not None:
             if mask.dtype == torch.bool:
@@ -44,7 +44,7 @@ class _AttentionCore(torch.autograd.Function):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if low else None).to(q.dtype)
         keep = None
         if p > 0:
-            keep = keep_mask(probs.shape, p, probs.device)
+            keep = draw(probs.shape, p, probs.device, site)  # fast_dropout's, or per example (example_dropout)
             dropped = probs * keep.to(probs.dtype).mul_(1.0 / (1.0 - p))
         else:
             dropped = probs
@@ -66,12 +66,12 @@ class _AttentionCore(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(ctx.scale)
         grad_q = torch.matmul(grad_scores, k)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def attention(q, k, v, mask, p: float, scale: float) -> torch.Tensor:
-    """The attention core (see _AttentionCore); [B, h, Lq, d]."""
-    return _AttentionCore.apply(q, k, v, mask, p, scale)
+def attention(q, k, v, mask, p: float, scale: float, site: int | None = None) -> torch.Tensor:
+    """The attention core (see _AttentionCore); [B, h, Lq, d]. `site`: the example_dropout site of its dropout."""
+    return _AttentionCore.apply(q, k, v, mask, p, scale, site)
 
 
 def _fused_forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
@@ -88,7 +88,8 @@ def _fused_forward(self, hidden_states, attention_mask=None, past_key_values=Non
     # One copy into [3, B, heads, L, d]: every matmul of the core then reads contiguous operands (or a transposed
     # view, which BLAS takes as is) instead of copying its strided inputs itself, forward and backward.
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-    out = attention(q, k, v, attention_mask, self.dropout.p if self.training else 0.0, self.scaling)
+    out = attention(q, k, v, attention_mask, self.dropout.p if self.training else 0.0, self.scaling,
+                    getattr(self.dropout, "site", None))
     return out.transpose(1, 2).reshape(batch, length, -1), None
 
 

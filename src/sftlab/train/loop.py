@@ -51,6 +51,7 @@ from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, param_groups, sparse_embedding_gradients
+from ..models.example_dropout import drawing_for
 from . import sharding
 from .rundir import check_labels, open_run_dir, save_best
 from .state import LoopState, Window
@@ -199,7 +200,9 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     if t.fused_attention and not spec.decoder and not internals:  # prefix tuning's cache takes the class path
         from ..models.fused_attention import enable_fused_attention
 
-        enable_fused_attention(model)
+        fused = enable_fused_attention(model)
+    else:
+        fused = 0
     if t.first_token_last_layer and spec.head_reads_first_token and not spec.decoder and not internals \
             and not mean_pooled:
         from ..models.first_token import enable_first_token_last_layer
@@ -210,6 +213,18 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         from ..models.fast_dropout import use_fast_dropout
 
         use_fast_dropout(model)
+    if t.example_dropout:
+        from ..models.example_dropout import use_example_dropout
+
+        if cfg.data.unlabelled is not None:
+            raise ConfigError("train.example_dropout keys masks by the batch's rows; with data.unlabelled the "
+                              "streams are batched apart: turn one of them off")
+        attn_p = max(float(getattr(model.config, k, 0) or 0) for k in ("attention_probs_dropout_prob",
+                                                                        "attention_dropout"))
+        if attn_p > 0 and not fused:
+            raise ConfigError("train.example_dropout needs train.fused_attention for this model's attention "
+                              f"dropout ({attn_p}), which otherwise runs inside torch's kernel; turn it on")
+        use_example_dropout(model)
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings work as they are.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -514,13 +529,16 @@ def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int], real: in
         else:
             batch = collate(idx)
         sync = k == len(micro) - 1
-        with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
-            out = run.objective(run.model, batch, idx, units)
-        # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
-        if k >= real:  # a filler: the collectives run, the gradients stay as the real passes left them
-            acc.backward(out.total * 0.0)
-            continue
-        acc.backward(out.total * acc.num_processes / units["train"])
+        masks = drawing_for(run.cfg.train.seed, run.step, idx, acc.device) if run.cfg.train.example_dropout \
+            else contextlib.nullcontext()  # (through backward too: checkpointed layers redraw their masks)
+        with masks:
+            with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
+                out = run.objective(run.model, batch, idx, units)
+            # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
+            if k >= real:  # a filler: the collectives run, the gradients stay as the real passes left them
+                acc.backward(out.total * 0.0)
+                continue
+            acc.backward(out.total * acc.num_processes / units["train"])
         step_loss += out.total.detach().float()
         for name, part in out.parts.items():
             parts[name] = parts.get(name, 0) + part.float()
