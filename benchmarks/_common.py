@@ -11,18 +11,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_child(cmd: list[str], env: dict[str, str], capture: bool) -> tuple[int, str, float]:
-    """Start cmd, wait for it with wait4 and return (exit code, stdout, peak RSS MB of that child alone).
+    """Start cmd, wait for it with wait4 and return (exit code, stdout, peak RSS MB of that child alone)."""
+    return run_timed(cmd, env, capture)[:3]
+
+
+def run_timed(cmd: list[str], env: dict[str, str], capture: bool) -> tuple[int, str, float, float]:
+    """run_child's figures and the child's whole wall time, start to exit as /usr/bin/time counts it (issue 22: a
+    user times the command, imports, loading, evaluation, saving and interpreter exit included).
 
     RUSAGE_CHILDREN would accumulate over every child reaped so far; wait4 gives this one's own ru_maxrss.
     Child stdout goes to our stderr (or is captured) so that our stdout carries only the tables."""
+    import time
+
+    start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE if capture else sys.stderr)
     stdout = proc.stdout.read() if capture else ""  # read to EOF before reaping, or a full pipe deadlocks
     _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
     if capture:
         sys.stderr.write(stdout)
-    return proc.returncode, stdout, usage.ru_maxrss / 1024  # KiB on Linux
+    return proc.returncode, stdout, usage.ru_maxrss / 1024, wall  # KiB on Linux
 
 
 def median_of(runs: list[dict], tool: str, keys: tuple[str, ...]) -> dict | None:

@@ -53,7 +53,11 @@ def _decode_lines(p: Path, skip_invalid: bool) -> tuple[list[tuple[int, str]], l
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     lines, bad = [], []
-    for i, chunk in enumerate(raw.split(b"\n"), start=1):
+    try:  # the usual case in one call (issue 22: a third of reading SST-2's 67k rows went to per-line decoding)
+        lines = [(i, line.rstrip("\r")) for i, line in enumerate(raw.decode("utf-8").split("\n"), start=1)]
+    except UnicodeDecodeError:
+        pass
+    for i, chunk in enumerate(raw.split(b"\n") if not lines else (), start=1):
         try:
             lines.append((i, chunk.decode("utf-8").rstrip("\r")))
         except UnicodeDecodeError as e:

@@ -7,13 +7,21 @@ vocabulary projection (49k columns for SmolLM2), which is most of a chat batch's
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.distributed.fsdp import FSDPModule
 
 from ..registry import tasks
 from . import TaskSpec
+
+
+def _wrapped(model) -> bool:
+    # torch.distributed.fsdp costs 0.5 s to import (issue 22's fixed costs); a model can only be an FSDPModule
+    # where train/sharding.py imported it already.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return isinstance(model, DistributedDataParallel) or (fsdp is not None and isinstance(model, fsdp.FSDPModule))
 
 
 def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +32,7 @@ def causal_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
     keep = labels != -100
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
-    if isinstance(model, (DistributedDataParallel, FSDPModule)) or prompt_learning:
+    if _wrapped(model) or prompt_learning:
         # DDP syncs gradients only through its own forward, and FSDP gathers the root's parameters (embeddings,
         # head) in its own; peft's prompt/prefix tuning injects its virtual tokens in its own forward (prompt
         # tuning's logits include them at the front: keep the last L).

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..strategies import Context as StrategyContext, apply_strategy, layer_scale
 from .. import objectives as _objectives  # noqa: F401  (registers the objectives)
+from .. import timing
 from ..config import RunConfig
 from ..data.batches import join, micro_batches, paired_micro_batches, step_batches
 from ..data.mixture import Mixture
@@ -161,8 +162,9 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     check_head_from(cfg)  # model.head_from: a head of the multitask run model.name names
     run_dir = open_run_dir(cfg, resume, overwrite, main, acc.wait_for_everyone, force_resume)
     acc.wait_for_everyone()
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    data = prepare(cfg, tokenizer)
+    with timing.phase("data"):
+        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        data = prepare(cfg, tokenizer)
     if main:
         log(format_report(data.report(cfg.task)))
         if t.precision == "auto":
@@ -182,6 +184,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     if mixture:
         mixture.total = total_steps  # (the annealed sampler's schedule)
+    model_tick = time.perf_counter()
     model = load_model(
         cfg.model.name, cfg.task, heads or labels, from_scratch=cfg.model.from_scratch, seed=t.seed,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -244,7 +247,10 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         model = sharding.shard(model, cfg)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
     # whatever it brings (distill: the teacher's cached logits, computed here once before training).
-    objective = Objective(cfg, data, spec.loss, tokenizer)
+    timing.add("model", time.perf_counter() - model_tick)
+    with timing.phase("objective"):  # e.g. distill's teacher logits, cached here once
+        objective = Objective(cfg, data, spec.loss, tokenizer)
+    model_tick = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = pad_multiple(t.pad_to_multiple_of, bf16, acc.device)
 
@@ -279,6 +285,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     scheduler = build_schedule(optimizer, t, total_steps)
     model = model if sharded else acc.prepare_model(model)
     raw_model = model if sharded else acc.unwrap_model(model)
+    timing.add("model", time.perf_counter() - model_tick)
 
     # --- resume: model, extras, optimizer, scheduler, RNG and data position ---------------------------------
     state, step = LoopState(streams={"unlabelled": [0, 0]} if unlabelled is not None else {}), 0
@@ -358,8 +365,10 @@ def fit(run: Run, on_eval=None) -> str | None:
                         f"step {step}: {skipped} in {state.bad_steps} steps in a row (train.max_bad_steps), "
                         "none of them applied; lower train.lr, keep train.max_grad_norm set, try "
                         f"train.precision=fp32 or check the data, then resume with --resume {run.run_dir}")
-            state.train_seconds += time.perf_counter() - tick
-            window.seconds += time.perf_counter() - tick
+            tock = time.perf_counter() - tick
+            state.train_seconds += tock
+            window.seconds += tock
+            timing.add("loop", tock)
             bar.update(1)
             epoch_end = state.step_in_epoch == len(batches)
             if epoch_end:
@@ -567,7 +576,8 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
         run.objective.before_eval(run.raw_model)
     scores = None
     if run.dev_data is not None:
-        scores = validate(run, run.dev_data)
+        with timing.phase("eval"):
+            scores = validate(run, run.dev_data)
         write(run, {"step": step, "split": "dev", **scores})
         if run.main:
             bar.write(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), file=sys.stderr)
@@ -597,7 +607,8 @@ def best(run: Run, scores: dict) -> None:
     """RUN_DIR/best: a plain HF folder; under fsdp the full weights are gathered first (every rank takes part)."""
     full = sharding.full_model_state(run.raw_model) if run.sharded else None
     if run.main:
-        save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, run.step, scores, state_dict=full)
+        with timing.phase("save"):
+            save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, run.step, scores, state_dict=full)
 
 
 def refuse_nonfinite(run: Run) -> None:
@@ -618,8 +629,9 @@ def checkpoint(run: Run, window: Window) -> None:
         full = {"model_state": sharding.full_model_state(run.raw_model),
                 "optimizer_state": sharding.full_optimizer_state(run.raw_model, run.optimizer)}
     if run.main:
-        save_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.scheduler, run.state.to_json(),
-                        run.cfg.train.keep_checkpoints, run.extras, **full)
+        with timing.phase("save"):
+            save_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.scheduler,
+                            run.state.to_json(), run.cfg.train.keep_checkpoints, run.extras, **full)
     run.acc.wait_for_everyone()
 
 
@@ -670,8 +682,11 @@ def finish(run: Run) -> Path:
     if "test" in run.data.encoded:
         from ..eval.evaluate import load_trained
 
-        best_model, _, _ = load_trained(run.run_dir, device=acc.device)
-        summary["test_metrics"] = validate(run, run.data.encoded["test"], best_model)
+        with timing.phase("test"):
+            best_model, _, _ = load_trained(run.run_dir, device=acc.device)
+            summary["test_metrics"] = validate(run, run.data.encoded["test"], best_model)
+    summary["timing"] = timing.report()  # where this process's wall time went (timing.py)
+    timing.reset()
     if run.main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         run.metrics_file.close()

@@ -31,6 +31,7 @@ from accelerate.utils import broadcast_object_list
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .. import timing
 from ..config import RunConfig
 from ..data.batches import collate
 from ..data.prepare import format_report, prepare
@@ -179,7 +180,8 @@ def train_meta(cfg: RunConfig, *, resume=None, overwrite=False, on_eval=None, gr
             summary = {"run_dir": str(run_dir), "algorithm": m.algorithm, "steps": step,
                        "episodes": state["episodes"], "train_seconds": round(state["train_seconds"], 3),
                        "final_loss": losses[0], "final_adapted_loss": losses[1], "processes": world,
-                       "meta_learned_head": shared, "precision": "bf16" if bf16 else "fp32", "dev_metrics": {}}
+                       "meta_learned_head": shared, "precision": "bf16" if bf16 else "fp32", "dev_metrics": {},
+                       "timing": timing.report()}  # no phases of its own yet: startup, imports, config, other
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"meta-training: {step} outer steps, {state['episodes']} episodes in {state['train_seconds']:.1f}s")
         acc.wait_for_everyone()
