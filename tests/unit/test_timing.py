@@ -71,3 +71,29 @@ def test_leave_runs_exit_handlers_and_flushes(tmp_path, clean):
     assert proc.returncode == 3
     assert proc.stdout == "unflushed line"
     assert (tmp_path / "handler").read_text() == "ran"
+
+
+def test_a_checkpoint_written_beside_the_evaluation_fails_loudly_and_leaves_no_complete_folder(tmp_path, monkeypatch):
+    """start_checkpoint's thread (issue 22: tensor files written during the dev evaluation): an error there (a full
+    disk) is raised by finish() in the training thread, and no folder is marked complete."""
+    import torch
+
+    import sftlab.train.checkpoint as ck
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_tensors", full_disk)
+    pending = ck.start_checkpoint(tmp_path, 4, model, opt)
+    with pytest.raises(OSError, match="No space"):
+        ck.save_checkpoint(tmp_path, 4, model, opt, sched, {}, 2, pending=pending)
+    assert ck.complete_checkpoints(tmp_path) == []
+    monkeypatch.undo()
+    done = ck.save_checkpoint(tmp_path, 4, model, opt, sched, {}, 2, pending=ck.start_checkpoint(tmp_path, 4, model, opt))
+    assert ck.complete_checkpoints(tmp_path) == [done]

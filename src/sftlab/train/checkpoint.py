@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -119,41 +120,90 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
                     extras: torch.nn.Module | None = None, model_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, pending: "PendingCheckpoint | None" = None) -> Path:
     """`model_state` / `optimizer_state`: a sharded run's gathered state dicts (train/sharding.py), written as
-    one process writes its own, so any process count resumes the checkpoint."""
+    one process writes its own, so any process count resumes the checkpoint. `pending`: this checkpoint's tensor
+    files, begun by start_checkpoint() (the loop's one call site either way, so tests can stop a run after it)."""
+    if pending is None:
+        pending = start_checkpoint(run_dir, step, model, optimizer, extras, model_state, optimizer_state,
+                                   background=False)
+    return pending.finish(scheduler, state, keep)
+
+
+def start_checkpoint(run_dir: Path, step: int, model, optimizer, extras: torch.nn.Module | None = None,
+                     model_state: dict | None = None, optimizer_state: dict | None = None,
+                     background: bool = True) -> "PendingCheckpoint":
+    """Begin a checkpoint: its tensor files are written (in a thread when `background`) while the caller goes on,
+    e.g. with the dev evaluation; PendingCheckpoint.finish() adds the loop state and makes it complete. Nothing the
+    files hold may change before finish(): no optimizer step, no weight update (evaluation runs under no_grad with
+    dropout off and draws no random numbers, so the RNG state taken here is the one after it)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # Only what the optimizer can change (plus buffers): a LoRA run's frozen base is reloaded from model.name on
     # resume, not copied into every checkpoint (issue 15: 557 MB per checkpoint for 4.9M trained parameters).
     trained = _optimized_names(model, optimizer)
-    save_model_streamed(model, str(tmp / "model.safetensors"), trained, model_state)
-    if extras is not None and len(extras.state_dict()):
-        save_model_streamed(extras, str(tmp / "extras.safetensors"))
     opt_tensors, groups = _optimizer_tensors(optimizer, optimizer_state)
-    save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    meta = dict(state, step=step, param_groups=groups, scheduler=scheduler.state_dict(), rng=rng_meta,
-                model_tensors="optimized")
-    (tmp / "state.json").write_text(json.dumps(meta))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
+
+    def write() -> None:
+        save_model_streamed(model, str(tmp / "model.safetensors"), trained, model_state)
+        if extras is not None and len(extras.state_dict()):
+            save_model_streamed(extras, str(tmp / "extras.safetensors"))
+        save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+
+    pending = PendingCheckpoint(root, step, tmp, groups, rng_meta)
+    if background:
+        pending.thread = threading.Thread(target=pending.run, args=(write,), name="sftlab-checkpoint", daemon=True)
+        pending.thread.start()
+    else:
+        write()
+    return pending
+
+
+class PendingCheckpoint:
+    """A checkpoint whose tensor files are being written (issue 22: at an evaluation step the ~0.3-0.5 s of writes
+    and fsyncs run beside the evaluation instead of after it)."""
+
+    def __init__(self, root: Path, step: int, tmp: Path, groups: list[dict], rng_meta: dict):
+        self.root, self.step, self.tmp, self.groups, self.rng_meta = root, step, tmp, groups, rng_meta
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def run(self, write) -> None:
+        try:
+            write()
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish() in the training thread
+            self.error = e
+
+    def finish(self, scheduler, state: dict, keep: int) -> Path:
+        """Wait for the files, add state.json, then the atomic rename and the COMPLETE marker; prune old ones."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        tmp, final = self.tmp, self.root / f"step-{self.step:07d}"
+        meta = dict(state, step=self.step, param_groups=self.groups, scheduler=scheduler.state_dict(),
+                    rng=self.rng_meta, model_tensors="optimized")
+        (tmp / "state.json").write_text(json.dumps(meta))
+        with open(tmp / "state.json", "rb+") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    (final / MARKER).touch()
-    _fsync_dir(final)  # the marker is durable before anything older is pruned
-    _fsync_dir(root)
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (final / MARKER).touch()
+        _fsync_dir(final)  # the marker is durable before anything older is pruned
+        _fsync_dir(self.root)
+        for old in complete_checkpoints(self.root.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
 
 
 def _optimized_names(model: torch.nn.Module, optimizer) -> set[str]:

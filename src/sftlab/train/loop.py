@@ -48,7 +48,7 @@ from ..allocator import current as allocator
 from ..precision import describe as describe_precision, pad_multiple, resolve as resolve_precision
 from ..registry import training_objectives
 from ..tasks import task_spec
-from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint, start_checkpoint
 from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_oom, nonfinite_params, \
     step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, param_groups, sparse_embedding_gradients
@@ -574,6 +574,10 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
     refuse_nonfinite(run)
     if hasattr(run.objective, "before_eval"):  # parts of the model fit outside the optimizer (contrastive_pairs' head)
         run.objective.before_eval(run.raw_model)
+    # The checkpoint's tensor files are written beside the evaluation, which changes none of them (issue 22);
+    # state.json (with this evaluation's scores) completes it after. Sharded runs gather collectively: in order.
+    pending = start_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.extras) \
+        if run.main and not run.sharded and run.dev_data is not None else None
     scores = None
     if run.dev_data is not None:
         with timing.phase("eval"):
@@ -588,7 +592,7 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
             state.bad_evals += 1
     else:
         best(run, {})
-    checkpoint(run, window)
+    checkpoint(run, window, pending)
     stop = False
     if on_eval is not None and scores is not None and on_eval(step, scores):
         if run.main:
@@ -619,7 +623,7 @@ def refuse_nonfinite(run: Run) -> None:
                             f"train.precision=fp32, and resume from the last checkpoint in {run.run_dir}/checkpoints")
 
 
-def checkpoint(run: Run, window: Window) -> None:
+def checkpoint(run: Run, window: Window, pending=None) -> None:
     # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
     window.save_into(run.state)
     run.state.grad_accum = run.accum
@@ -631,7 +635,8 @@ def checkpoint(run: Run, window: Window) -> None:
     if run.main:
         with timing.phase("save"):
             save_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.scheduler,
-                            run.state.to_json(), run.cfg.train.keep_checkpoints, run.extras, **full)
+                            run.state.to_json(), run.cfg.train.keep_checkpoints, run.extras, **full,
+                            pending=pending)  # (tensor files begun before the evaluation: validate_and_save)
     run.acc.wait_for_everyone()
 
 
