@@ -2,7 +2,7 @@
 
     python benchmarks/trl_sft.py [--n-chats 400] [--runs 3] [--only both|all|trl|trl_fp32|sftlab] [--data-dir DATA_DIR]
                                  [--model-dir HF_FOLDER] [--trl-no-gradient-checkpointing]
-                                 [--sftlab-no-gradient-checkpointing] [--threads N]
+                                 [--sftlab-gradient-checkpointing] [--sftlab-set KEY=VALUE] [--threads N]
                                  [--json OUT]
 
 Work on both sides: chats built from instructions/alpaca_seed_tasks.jsonl (one chat per instance: user =
@@ -28,8 +28,9 @@ TRL side, best settings (../shared/DESIGN.md: packing + bf16): SFTConfig(packing
 packing, padding-free (no pad tokens; sequences over 512 tokens truncated), bf16=True with use_cpu=True, TRL's other
 defaults kept (gradient checkpointing on, unless --trl-no-gradient-checkpointing), no saving, no reporting.
 Trained tokens/s = tokens in the packed training set (every one a real token: padding-free) x epochs / train
-runtime. sftlab side: `python -m sftlab train - task=causal_lm ...`, figures from RUN_DIR/summary.json, with
-activation checkpointing on as on the TRL side (--sftlab-no-gradient-checkpointing turns it off: faster, more memory).
+runtime. sftlab side: `python -m sftlab train - task=causal_lm ...`, figures from RUN_DIR/summary.json, in its own
+defaults (no activation checkpointing: each 8 x 512 step runs as ~512-token micro-batches, `train.micro_batch_tokens:
+auto`, which bounds the activations instead; --sftlab-gradient-checkpointing turns checkpointing on as on TRL's side).
 Peak RSS of each side is its own child process's ru_maxrss (os.wait4); runs are interleaved; medians reported.
 """
 
@@ -168,7 +169,8 @@ def run_side(side: str, args: argparse.Namespace, tmp: Path, chats_path: Path, i
                f"train.max_grad_norm={w['max_grad_norm']}", f"train.warmup_ratio={w['warmup_ratio']}",
                f"train.seed={w['seed']}", f"train.log_every={w['log_every']}",
                "train.progress=false", f"output_dir={tmp / f'sftlab-run-{i}'}",
-               f"train.gradient_checkpointing={str(not args.sftlab_no_gradient_checkpointing).lower()}"]
+               f"train.gradient_checkpointing={str(args.sftlab_gradient_checkpointing).lower()}",
+               *args.sftlab_set]
         rc, stdout, rss = run_child(cmd, env, capture=True)
         lines = stdout.strip().splitlines()
         if rc != 0 or not lines:
@@ -185,7 +187,7 @@ KEYS = ("tokens_per_s", "train_seconds", "peak_rss_mb", "final_loss", "train_tok
 def report(runs: list[dict], args: argparse.Namespace) -> dict:
     med = {t: m for t in (*TRL_SIDES, "sftlab") if (m := median_of(runs, t, KEYS))}
     gc = "off" if args.trl_no_gradient_checkpointing else "on"
-    sgc = "off" if args.sftlab_no_gradient_checkpointing else "on"
+    sgc = "on" if args.sftlab_gradient_checkpointing else "off"
     precision = "/".join(sorted({r["precision"] for r in runs if r.get("precision")})) or "?"
     names = {"trl": f"TRL SFTTrainer (packing + bf16, grad. ckpt {gc})",
              "trl_fp32": f"TRL SFTTrainer (packing, fp32, grad. ckpt {gc})",
@@ -241,8 +243,10 @@ def main() -> None:
                    help=f"HF folder for the TRL side (default: sftlab's cached conversion of {MODEL})")
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
                    help="turn off TRL's default gradient checkpointing (faster, more memory)")
-    p.add_argument("--sftlab-no-gradient-checkpointing", action="store_true",
-                   help="sftlab side without activation checkpointing (on by default, as TRL's default is)")
+    p.add_argument("--sftlab-gradient-checkpointing", action="store_true",
+                   help="sftlab side with activation checkpointing (off by default, as sftlab's default is)")
+    p.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra override for the sftlab side (repeatable), e.g. train.micro_batch_tokens=1024")
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write runs, medians and ratios here")
     p.add_argument("--_worker", choices=TRL_SIDES, help=argparse.SUPPRESS)

@@ -23,6 +23,9 @@ class Plan:
     # The optimizer holds parameters that are frozen now but join later (gradual unfreezing).
     optimize_frozen: bool = False
     anatomy: Anatomy | None = None
+    # The frozen base is never saved (an adapter folder reloads it from its source) and reaches the math only through
+    # autocast-cast matmuls, so under bf16 autocast its Linear weights may be held in bf16 (precision.py).
+    frozen_base_not_saved: bool = False
     notes: list[str] = field(default_factory=list)
 
 

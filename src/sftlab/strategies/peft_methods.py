@@ -23,9 +23,12 @@ def _peft(model, config):
     from peft import get_peft_model
 
     from ..models.load import peft_calls
+    from . import Plan
 
     with peft_calls():
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
+    # DoRA reads its base weight outside any matmul (the column norm, in fp32): it keeps fp32 frozen weights.
+    return Plan(wrapped, frozen_base_not_saved=not getattr(config, "use_dora", False))
 
 
 def _lora(model, cfg, ctx, use_dora: bool):
