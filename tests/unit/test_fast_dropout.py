@@ -56,3 +56,15 @@ def test_use_fast_dropout_swaps_modules_without_touching_the_state_dict(tiny_mod
     assert n > 0 and sum(isinstance(m, FastDropout) for m in model.modules()) == n
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_masks_are_unbiased():
+    """The 1/(1-p) scale multiplies as a scalar, rounded once with the value: no bf16-rounded factor (p=0.1: 1.1094
+    for 1.1111, a -0.16% bias on every kept value) - here 10 standard errors."""
+    from sftlab.models.fast_dropout import FastDropout
+
+    torch.manual_seed(0)
+    x = torch.rand(4_000_000).add_(1).bfloat16()
+    out = FastDropout(0.1).train()(x)
+    rel = out.double().mean() / x.double().mean() - 1
+    assert abs(rel) < 5e-4, rel

@@ -125,3 +125,43 @@ def test_lora_run_in_bf16_trains_and_saves_fp32_adapters(chat_run, monkeypatch):
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["final_loss"] == summary["final_loss"]  # finite
+
+
+def test_fast_lora_forward_is_pefts_and_its_gradients_as_close_to_fp32():
+    """Without dropout: the same loss to the bit; gradients within bf16's own distance from the fp32 ones (the two
+    branches' input gradients add in bf16). With dropout: runs, close. Outside autocast: peft's forward."""
+    import statistics
+
+    from peft import LoraConfig, get_peft_model
+
+    from sftlab.models.fast_lora import use_fast_lora
+
+    for p_drop in (0.0, 0.1):
+        ref = get_peft_model(tiny_llama(torch.float32, tied=True),
+                             LoraConfig(r=4, lora_alpha=8, lora_dropout=p_drop, target_modules="all-linear"))
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        fast, fp32 = copy.deepcopy(ref), copy.deepcopy(ref)
+        assert use_fast_lora(fast) == 2 * 7
+        ids = torch.randint(0, 50, (2, 9))
+        losses = []
+        for m, autocast in ((ref, True), (fast, True), (fp32, False)):
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        if p_drop == 0:
+            assert torch.equal(losses[0], losses[1])
+            exact = [p.grad for p in fp32.parameters() if p.requires_grad]
+
+            def err(m):
+                got = [p.grad for p in m.parameters() if p.requires_grad]
+                return statistics.median(((a - b).norm() / b.norm()).item() for a, b in zip(got, exact))
+            assert err(fast) <= 1.5 * err(ref), (err(fast), err(ref))
+        else:  # dropout draws on bf16 rounded inputs: close, not equal
+            assert torch.isfinite(losses[1]) and abs(losses[0].item() - losses[1].item()) < 0.1
+        ref.eval(), fast.eval()  # outside autocast: peft's own forward, the same bits
+        with torch.no_grad():
+            assert torch.equal(ref(input_ids=ids).logits, fast(input_ids=ids).logits)

@@ -19,16 +19,18 @@ class _MaskMul(torch.autograd.Function):
     batch that is ~27 MB less at peak) and turns it into a same-dtype factor in both passes: a same-dtype multiply,
     because bool masks in torch.where / masked_fill took 10x longer on this CPU."""
 
+    # The 0/1 product is exact and the scale multiplies as a scalar, rounded once: a bf16 factor tensor would hold
+    # 1/(1-p) rounded to bf16 (p=0.1: 1.1094 for 1.1111), a bias on every kept value. fp32: the same bits as before.
     @staticmethod
     def forward(ctx, x, keep, scale: float):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * keep.to(x.dtype).mul_(scale)
+        return (x * keep.to(x.dtype)).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
+        return (grad * keep.to(grad.dtype)).mul_(ctx.scale), None, None
 
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:

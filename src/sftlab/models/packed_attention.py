@@ -51,8 +51,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
 
     pos = kwargs.get("position_ids")
     spans = None
-    if (module.training and pos is not None and query.shape[2] == key.shape[2] == pos.shape[-1]
-            and getattr(module, "is_causal", True) and kwargs.get("position_bias") is None):
+    # Anything beyond plain causal attention (a sliding window, soft-capping, sinks, a position bias) keeps the
+    # masked kernel, which transformers builds for it.
+    plain = not (getattr(module, "sliding_window", None) or kwargs.get("sliding_window") or kwargs.get("softcap")
+                 or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None
+                 or kwargs.get("position_bias") is not None)
+    if (module.training and plain and pos is not None and query.shape[2] == key.shape[2] == pos.shape[-1]
+            and getattr(module, "is_causal", True)):
         spans = segments(pos if pos.dim() == 2 else pos.view(-1, pos.shape[-1]))
     if spans is None or len(spans) != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

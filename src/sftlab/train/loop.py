@@ -230,6 +230,10 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         from ..models.fast_dropout import use_fast_dropout
 
         use_fast_dropout(model)
+    if bf16:  # LoRA's forward without its fp32 round trip under autocast (models/fast_lora.py)
+        from ..models.fast_lora import use_fast_lora
+
+        use_fast_lora(model)
     if t.example_dropout:
         from ..models.example_dropout import use_example_dropout
 
