@@ -111,6 +111,18 @@ def test_packed_lora_run_equals_the_masked_kernel_run(chat_run, monkeypatch):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_checkpointed_recompute_takes_the_same_per_example_path(chat_run):
+    """Activation checkpointing recomputes each block in backward from its saved inputs (position ids included):
+    the same attention path, so the same adapter as without checkpointing."""
+    from safetensors.torch import load_file
+
+    a = chat_run("plain", "train.precision=fp32", "strategy.dropout=0")
+    b = chat_run("ckpt", "train.precision=fp32", "strategy.dropout=0", "train.gradient_checkpointing=true")
+    wa, wb = (load_file(str(d / "best" / "adapter_model.safetensors")) for d in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_lora_run_in_bf16_trains_and_saves_fp32_adapters(chat_run, monkeypatch):
     """bf16 autocast: frozen base held in bf16, LoRA's dropouts fast; the adapter saved stays fp32 and loads."""
     import sftlab.models.fast_dropout as fd
