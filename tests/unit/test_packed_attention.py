@@ -55,7 +55,8 @@ def test_unpacked_and_eval_batches_keep_the_sdpa_path_bitwise():
     ids, mask = torch.randint(0, 50, (2, 7)), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     for mode in ("train", "eval"):
         getattr(ref, mode)(), getattr(packed, mode)()
-        assert torch.equal(ref(input_ids=ids, attention_mask=mask).logits, packed(input_ids=ids, attention_mask=mask).logits)
+        got = [m(input_ids=ids, attention_mask=mask).logits for m in (ref, packed)]
+        assert torch.equal(*got)
     ref.eval(), packed.eval()  # eval mode ignores the packing rule: the masked kernel, as sdpa runs it
     assert torch.equal(ref(input_ids=ids, position_ids=POS[:, :7], use_cache=False).logits,
                        packed(input_ids=ids, position_ids=POS[:, :7], use_cache=False).logits)
@@ -64,7 +65,8 @@ def test_unpacked_and_eval_batches_keep_the_sdpa_path_bitwise():
 def test_frozen_bf16_weights_equal_autocast_casts_bitwise():
     from peft import LoraConfig, get_peft_model
 
-    ref = get_peft_model(tiny_llama(torch.float32, tied=True), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    ref = get_peft_model(tiny_llama(torch.float32, tied=True), lcfg)
     for p in ref.parameters():  # LoRA B starts at zero: give it values so its gradient path is exercised
         if p.requires_grad:
             p.data.normal_(0, 0.1)
@@ -177,3 +179,18 @@ def test_fast_lora_forward_is_pefts_and_its_gradients_as_close_to_fp32():
         ref.eval(), fast.eval()  # outside autocast: peft's own forward, the same bits
         with torch.no_grad():
             assert torch.equal(ref(input_ids=ids).logits, fast(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "prompt_tuning"])
+def test_encoder_adapter_runs_in_bf16_with_a_bf16_base(tiny_overrides, strategy):
+    """Encoders too (fused attention, first-token last block, the head saved with the adapter): a bf16 run with the
+    frozen base in bf16 trains, evaluates inside the loop and saves a reloadable adapter."""
+    from sftlab.eval.evaluate import evaluate_file
+
+    over = [o for o in tiny_overrides if not o.startswith("train.precision")]
+    over += ["train.precision=bf16", f"strategy.name={strategy}", "data.max_length=64"]
+    run_dir = train(load_config(None, over))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["dev_metrics"]["accuracy"] >= 0
+    data = next(o.split("=", 1)[1] for o in over if o.startswith("data.dev="))
+    assert 0 <= evaluate_file(run_dir, data)["accuracy"] <= 1
