@@ -270,7 +270,16 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
             waiting = False
             study.sampler = sampler(len(trials))  # seeded per position: resuming does not repeat samples
             _free_memory()
-            study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
+            try:
+                study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+                # another worker saw no heartbeat for 3 x --heartbeat s (this one starved of CPU?) and failed the
+                # trial, its retry queued: optuna then refuses this worker's report or tell. Go on, not crash.
+                if isinstance(e, ValueError) and not str(e).startswith("Cannot tell a FAIL trial"):
+                    raise
+                print(f"trial {current.get('number')}: failed by another worker (no heartbeat for "
+                      f"{3 * heartbeat}s); its retry is queued", file=sys.stderr, flush=True)
+                continue
             mine = study.get_trials(deepcopy=False)[current["number"]]
             if mine.user_attrs.get("error", "").startswith("not needed"):
                 continue

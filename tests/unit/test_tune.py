@@ -217,6 +217,27 @@ def test_space_file_and_overrides_after_options(tiny_overrides, tmp_path, capsys
     assert "trial-0 belongs to no trial of study 'x'" in capsys.readouterr().err
 
 
+def test_a_trial_failed_by_another_worker_is_dropped_and_its_retry_runs(tiny_overrides, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A worker starved past the heartbeat grace period finds its trial FAILed (and re-queued) by another worker:
+    optuna then refuses its report (UpdateFinishedTrialError); the worker goes on instead of crashing."""
+    cfg, out = write_config(tmp_path, tiny_overrides), tmp_path / "tune"
+    fake = fake_train({})
+
+    def train(cfg, *, resume=None, overwrite=False, on_eval=None):
+        if Path(cfg.output_dir).name == "trial-1":  # what fail_stale + RetryHeartbeatStaleTrialCallback do
+            study = optuna.load_study(study_name="toy", storage=storage_of(out))
+            trial = study.get_trials(deepcopy=False)[1]
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params)
+        return fake(cfg, on_eval=on_eval)
+
+    monkeypatch.setattr(loop, "train", train)
+    assert main(["tune", str(cfg), "--trials", "3", "--out", str(out)]) == 0
+    assert "trial 1: failed by another worker" in capsys.readouterr().err
+    assert states(out) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+
 def test_two_workers_share_one_study(tiny_overrides, tmp_path):
     """Two processes on one sqlite study: together exactly --trials finished trials, each a distinct run dir."""
     cfg, out = write_config(tmp_path, tiny_overrides), tmp_path / "tune"
