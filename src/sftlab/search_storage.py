@@ -12,6 +12,7 @@ per beat, read against the local clock: the workers' clocks must agree to well w
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -94,3 +95,20 @@ def open_study(url: str, name: str, direction: str, heartbeat: int = 20, **kwarg
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(f"--storage {url}: cannot open the study ({why})") from None
             time.sleep(0.5 + attempt)
+
+
+def run_one_trial(study, objective, catch: tuple, heartbeat: int, number=lambda: "?") -> bool:
+    """study.optimize(objective, n_trials=1); False when another worker failed this trial meanwhile (no heartbeat
+    for 3 x `heartbeat` s: this worker was starved, not dead) and optuna refuses its report or tell. Its retry is
+    queued, so the worker drops the result and goes on instead of exiting with optuna's traceback."""
+    import optuna
+
+    try:
+        study.optimize(objective, n_trials=1, catch=catch)
+        return True
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+        if isinstance(e, ValueError) and not str(e).startswith("Cannot tell a FAIL trial"):
+            raise
+        print(f"trial {number()}: failed by another worker (no heartbeat for {3 * heartbeat}s); its retry is queued",
+              file=sys.stderr, flush=True)
+        return False

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
-from .search_storage import fail_stale, open_study
+from .search_storage import fail_stale, open_study, run_one_trial
 
 POLL_S = 5.0
 SURPLUS = "not needed: another trial holds this combination"
@@ -96,7 +96,7 @@ def run_shared(jobs: list[str], out: Path, storage: str, study_name: str, heartb
             time.sleep(POLL_S)
             continue
         waiting_said = False
-        study.optimize(objective, n_trials=1, catch=(_Skip,))
+        run_one_trial(study, objective, (_Skip,), heartbeat)  # False: failed by another worker, retried
     rows = {}
     for t in study.get_trials(deepcopy=False):
         if settled(t) and "job" in t.user_attrs:

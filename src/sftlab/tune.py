@@ -164,7 +164,7 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
     import optuna
     from optuna.trial import TrialState
 
-    from .search_storage import fail_stale
+    from .search_storage import fail_stale, run_one_trial
 
     if n_trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {n_trials}")
@@ -270,15 +270,7 @@ def tune(config: str | None, overrides: list[str], n_trials: int, *, space_file:
             waiting = False
             study.sampler = sampler(len(trials))  # seeded per position: resuming does not repeat samples
             _free_memory()
-            try:
-                study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
-                # another worker saw no heartbeat for 3 x --heartbeat s (this one starved of CPU?) and failed the
-                # trial, its retry queued: optuna then refuses this worker's report or tell. Go on, not crash.
-                if isinstance(e, ValueError) and not str(e).startswith("Cannot tell a FAIL trial"):
-                    raise
-                print(f"trial {current.get('number')}: failed by another worker (no heartbeat for "
-                      f"{3 * heartbeat}s); its retry is queued", file=sys.stderr, flush=True)
+            if not run_one_trial(study, objective, (_TrialFailed,), heartbeat, lambda: current.get("number")):
                 continue
             mine = study.get_trials(deepcopy=False)[current["number"]]
             if mine.user_attrs.get("error", "").startswith("not needed"):
