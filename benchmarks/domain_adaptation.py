@@ -2,7 +2,7 @@
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/domain_adaptation.py [--pairs books:kitchen,dvd:electronics]
         [--methods source,mlm,mmd,dann,udalm,ceiling] [--far] [--out runs/da] [--max-length 256]
-        [key=value ...]
+        [key=value ...]            e.g. model.pooling=mean
 
 Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far` adds each -> airline). Methods:
   source   minilm-l6 fine-tuned on the source's labels (source dev chooses the best checkpoint)
@@ -13,6 +13,10 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
   udalm    `source` + objective udalm (masked LM on the target rows in the same steps), likewise
   mlm+X    a combination: the `mlm` start, then objective X (mmd, dann or udalm) as above
   ceiling  trained on the target's own labels (what adaptation cannot beat)
+Pass `model.pooling=mean` (the grid of record since 2026-12-07): the head then reads the mean of the token states,
+the sentence embedding minilm-l6 was trained for, which the MLM start and UDALM train directly; with the default
+[CLS] pooler the MLM start moved an untrained [CLS] state and cost 5 points on dvd -> electronics
+(docs/continued-pretraining.md). One --out holds runs of one set of overrides (checked).
 Target labels are never used for training or for choosing a checkpoint (the source dev set chooses), only for the
 reported accuracy on the target dev set. Every run is a child process (`sftlab train`, `sftlab eval`) into
 OUT/<method>/<source>-<target> (source-only runs into OUT/source/<source>, shared by every target and by the ceiling
@@ -76,6 +80,13 @@ def main() -> None:
     if args.far:
         pairs += [(s, "airline") for s in DOMAINS]
     methods, out = args.methods.split(","), Path(args.out)
+    # runs are reused by folder, so one --out holds one set of overrides (the MLM starts take none: link
+    # OUT/mlm-pretrain from another --out to reuse them)
+    stamp = out / "overrides.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != args.overrides:
+        sys.exit(f"--out {out} holds runs with overrides {json.loads(stamp.read_text())}; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(args.overrides))
     base = ["model.name=minilm-l6", "task=classification", "data.text=text", "data.label=label",
             f"data.max_length={args.max_length}", "train.epochs=2", "train.batch_size=32", "train.lr=5e-5",
             "train.eval_every=50", "train.seed=0", "train.progress=false", *args.overrides]
