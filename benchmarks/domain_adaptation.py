@@ -13,6 +13,8 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
   udalm    `source` + objective udalm (masked LM on the target rows in the same steps), likewise
   mlm+X    a combination: the `mlm` start, then objective X (mmd, dann or udalm) as above
   ceiling  trained on the target's own labels (what adaptation cannot beat)
+The table adds `selected`: per pair, the method with the best *source* dev accuracy (ties: the earlier in
+--methods), i.e. what a user without target labels would deploy; its mean is the grid's honest "best method".
 Pass `model.pooling=mean` (the grid of record since 2026-12-07): the head then reads the mean of the token states,
 the sentence embedding minilm-l6 was trained for, which the MLM start and UDALM train directly; with the default
 [CLS] pooler the MLM start moved an untrained [CLS] state and cost 5 points on dvd -> electronics
@@ -54,6 +56,16 @@ def train(out: Path, overrides: list[str]) -> Path:
     return out
 
 
+def run_path(out: Path, m: str, src: str, tgt: str) -> Path:
+    """Where method m's run of src -> tgt lives: source-only runs are shared by every target of their source, and
+    the ceiling is the target's own source-only run."""
+    if m == "source":
+        return out / "source" / src
+    if m == "ceiling":
+        return out / "source" / tgt
+    return out / m / f"{src}-{tgt}"
+
+
 def target_accuracy(run: Path, target: str) -> float:
     cache = run / f"target-{target}.json"
     if not cache.is_file():
@@ -93,6 +105,7 @@ def main() -> None:
     table: dict[str, dict[str, float]] = {}
     results = Path(args.results) if args.results else None
     known = json.loads(results.read_text()) if results and results.is_file() else {}
+    dev: dict[str, dict[str, float]] = {}  # pair -> method -> source dev accuracy (what may choose a method)
     for src, tgt in pairs:
         key, row = f"{src}->{tgt}", {}
         source = base + [f"data.train={data(src, 'train')}", f"data.dev={data(src, 'dev')}"]
@@ -100,10 +113,16 @@ def main() -> None:
             rkey = f"{m} {key} max_length={args.max_length} {' '.join(args.overrides)}".strip()
             if rkey in known:
                 row[m] = known[rkey]["accuracy"]
+                summary = run_path(out, m, src, tgt) / "summary.json"
+                if "source_dev" not in known[rkey] and m != "ceiling" and summary.is_file():  # older entries
+                    known[rkey]["source_dev"] = json.loads(summary.read_text())["dev_metrics"]["accuracy"]
+                if "source_dev" in known[rkey]:
+                    dev.setdefault(key, {})[m] = known[rkey]["source_dev"]
                 continue
             print(f"{key}: {m}", file=sys.stderr, flush=True)
+            run = run_path(out, m, src, tgt)
             if m == "source":   # one run per source domain, scored on every target
-                run = train(out / "source" / src, source)
+                train(run, source)
             elif m == "mlm" or m.startswith("mlm+"):
                 mlm = train(out / "mlm-pretrain" / tgt, [
                     "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
@@ -113,32 +132,44 @@ def main() -> None:
                 start = source + [f"model.name={mlm / 'best'}"]
                 if m != "mlm":  # a combination: the target-MLM start, then an adaptation objective
                     start += [f"objective.name={m[4:]}", f"data.unlabelled={data(tgt, 'train')}"]
-                run = train(out / m / f"{src}-{tgt}", start)
+                train(run, start)
             elif m in ("mmd", "dann", "udalm"):
-                run = train(out / m / f"{src}-{tgt}", source + [f"objective.name={m}",
-                                                                 f"data.unlabelled={data(tgt, 'train')}"])
+                train(run, source + [f"objective.name={m}", f"data.unlabelled={data(tgt, 'train')}"])
             elif m == "ceiling":  # the target's own source-only run: same settings, the target's labels
-                run = train(out / "source" / tgt, base + [f"data.train={data(tgt, 'train')}",
-                                                          f"data.dev={data(tgt, 'dev')}"])
+                train(run, base + [f"data.train={data(tgt, 'train')}", f"data.dev={data(tgt, 'dev')}"])
             else:
                 sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling, mlm+X")
             row[m] = target_accuracy(run, tgt)
             if results:  # written after every figure: a stopped grid loses at most the run in progress
-                precision = json.loads((run / "summary.json").read_text()).get("precision")
-                known[rkey] = {"accuracy": row[m], "precision": precision}
+                summary = json.loads((run / "summary.json").read_text())
+                known[rkey] = {"accuracy": row[m], "precision": summary.get("precision")}
+                if m != "ceiling":  # the ceiling's dev set is the target's
+                    known[rkey]["source_dev"] = dev.setdefault(key, {})[m] = summary["dev_metrics"]["accuracy"]
                 results.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
         table[key] = row
         print(f"{key}: " + "  ".join(f"{m} {v:.4f}" for m, v in row.items()), file=sys.stderr, flush=True)
 
-    print("| pair | " + " | ".join(methods) + " |")
-    print("|---|" + "---|" * len(methods))
+    if results and known:  # keeps the source dev figures read back from run folders for older entries
+        results.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    # "selected": per pair, the method a user would deploy without target labels - the best source dev accuracy
+    # (ties go to the earlier method in --methods, source-only first)
+    chosen = {}
+    for key in table:
+        cands = [m for m in methods if m != "ceiling" and m in dev.get(key, {})]
+        if cands and len(cands) == len([m for m in methods if m != "ceiling"]):
+            chosen[key] = max(cands, key=lambda m: (dev[key][m], -methods.index(m)))
+            table[key]["selected"] = table[key][chosen[key]]
+    cols = methods + (["selected"] if len(chosen) == len(table) else [])
+    print("| pair | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
     for key, row in table.items():
-        print(f"| {key} | " + " | ".join(f"{row[m]:.4f}" for m in methods) + " |")
-    means = {m: statistics.mean(row[m] for row in table.values()) for m in methods}
-    print("| **mean** | " + " | ".join(f"**{means[m]:.4f}**" for m in methods) + " |")
+        print(f"| {key} | " + " | ".join(f"{row[m]:.4f}" + (f" ({chosen[key]})" if m == "selected" else "")
+                                           for m in cols) + " |")
+    means = {m: statistics.mean(row[m] for row in table.values()) for m in cols}
+    print("| **mean** | " + " | ".join(f"**{means[m]:.4f}**" for m in cols) + " |")
     if "source" in methods:
         print("gain over source-only (points): " + ", ".join(
-            f"{m} {100 * (means[m] - means['source']):+.2f}" for m in methods if m != "source"))
+            f"{m} {100 * (means[m] - means['source']):+.2f}" for m in cols if m != "source"))
     print(json.dumps({"pairs": table, "mean": means}))
 
 
