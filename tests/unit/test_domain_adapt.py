@@ -153,6 +153,8 @@ def test_bad_inputs_one_line(tiny_overrides, target_file, tmp_path, toy_data):
         run("objective.name=dann", f"data.unlabelled={toy_data['train']}")
     with pytest.raises(Exception, match="objective.weight must be >= 0"):
         sftlab.load_config(None, tiny_overrides + ["objective.name=mmd", "objective.weight=-1"])
+    with pytest.raises(Exception, match="objective.classifier_lr_scale must be > 0"):
+        sftlab.load_config(None, tiny_overrides + ["objective.name=dann", "objective.classifier_lr_scale=0"])
     with pytest.raises(Exception, match="objective.gamma"):
         sftlab.load_config(None, tiny_overrides + ["objective.name=dann", "objective.gamma=-1"])
     with pytest.raises(Exception, match="Unknown key|unknown key|did you mean"):
@@ -270,3 +272,23 @@ def test_streams_apart_equal_one_joined_forward(tiny_overrides, target_file, nam
     # relative to the whole gradient's norm: summed gradients (the [CLS] embedding) add in another order
     diff = torch.cat([(ga[k] - gb[k]).flatten() for k in ga]).norm()
     assert float(diff) <= 1e-4 * float(torch.cat([g.flatten() for g in ga.values()]).norm())
+
+
+def test_dann_classifier_lr_scale_moves_only_the_domain_classifier_faster(tiny_overrides, target_file, tmp_path):
+    """AdamW's first update is lr * g / (|g| + eps) plus decoupled decay lr * wd * p, both linear in lr: with
+    objective.classifier_lr_scale 10 the domain classifier moves 10x as far from the same start, and the encoder
+    (same gradients) exactly as far."""
+    import sftlab
+
+    def one_step(scale):
+        run = sftlab.train(sftlab.load_config(None, tiny_overrides + [
+            "objective.name=dann", f"data.unlabelled={target_file}", f"objective.classifier_lr_scale={scale}",
+            "train.max_steps=1", "train.warmup_ratio=0", "objective.gamma=100", f"output_dir={tmp_path / str(scale)}"]))
+        ckpt = sorted((run / "checkpoints").iterdir())[-1]
+        return load_file(str(ckpt / "extras.safetensors")), _weights(run)
+
+    (c0, _), (c1, m1), (c10, m10) = one_step(1e-9), one_step(1), one_step(10)
+    assert all(torch.equal(m1[k], m10[k]) for k in m1)
+    for k in c1:
+        assert (c1[k] - c0[k]).abs().max() > 0
+        torch.testing.assert_close(c10[k] - c0[k], 10 * (c1[k] - c0[k]), rtol=1e-3, atol=1e-7)

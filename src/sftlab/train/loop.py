@@ -296,7 +296,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Trainable extras beside the model (distill's hidden projection): the optimizer's last groups, in every checkpoint
     extras = objective.extras().to(acc.device)
-    for group in param_groups(extras, t.weight_decay, t.lr):
+    # (an objective may train its extras faster: DANN's domain classifier, objective.classifier_lr_scale)
+    for group in param_groups(extras, t.weight_decay, t.lr, getattr(objective, "extras_lr_scale", None)):
         optimizer.add_param_group(group)
     if sharded and len(list(extras.parameters())):
         raise ConfigError(f"objective.name: {cfg.objective.name} trains modules beside the model, which "
