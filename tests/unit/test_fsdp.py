@@ -48,10 +48,9 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("change, message", [
-    (["train.distributed.strategy=deepspeed"], "strategy deepspeed is not built yet"),
     (["train.distributed.strategy=fsdp", "strategy.name=lora"], "fsdp trains strategy.name full"),
     (["train.distributed.strategy=fsdp", "train.distributed.wrap=[NoSuchLayer]"], "NoSuchLayer is not a module"),
-    (["train.distributed.cpu_offload=true"], "fsdp settings"),
+    (["train.distributed.cpu_offload=true"], "fsdp / deepspeed setting"),
     pytest.param(["train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"], "has no GPU",
                  marks=pytest.mark.skipif("__import__('torch').cuda.is_available()")),
 ])

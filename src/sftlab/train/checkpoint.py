@@ -208,7 +208,9 @@ class PendingCheckpoint:
 
 def _optimized_names(model: torch.nn.Module, optimizer) -> set[str]:
     """State-dict names of the parameters the optimizer holds (trainable now or later) and of every buffer."""
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    # (under deepspeed the groups hold ZeRO's flat partitions; train/zero.py keeps the parameters they replaced)
+    held = {id(p) for p in getattr(optimizer, "sftlab_params", None) or
+            [p for g in optimizer.param_groups for p in g["params"]]}
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in held}
     return names | {n for n, _ in model.named_buffers(remove_duplicate=False)}
 

@@ -53,7 +53,7 @@ from .guards import StopSignals, free_memory, grad_norm as total_grad_norm, is_o
     step_delay_for_tests, trim_heap, trim_log
 from .optim import build_optimizer, build_schedule, clip_grad_norm, param_groups, sparse_embedding_gradients
 from ..models.example_dropout import drawing_for
-from . import sharding
+from . import sharding, zero
 from .rundir import check_labels, open_run_dir, save_best
 from .state import LoopState, Window
 from .tracking import Tracker
@@ -94,6 +94,7 @@ class Run:
     model: Any  # what is called (DDP-wrapped when world > 1)
     raw_model: torch.nn.Module  # what is saved and evaluated
     sharded: bool  # train.distributed.strategy fsdp in several processes: DTensor parameters (train/sharding.py)
+    zero: bool  # train.distributed.strategy deepspeed in several processes: `model` is DeepSpeed's engine (zero.py)
     plan: Any  # strategies.Plan
     objective: Any
     extras: torch.nn.Module  # the objective's trainable modules beside the model
@@ -257,6 +258,10 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     sharded = t.distributed.strategy == "fsdp" and acc.num_processes > 1
     if t.distributed.strategy == "fsdp":  # checked in one process too: the config fails before a cluster job does
         sharding.check(cfg, model)
+    # deepspeed: the engine wraps model and optimizer after the resume (it takes their loaded state), not DDP
+    use_zero = t.distributed.strategy == "deepspeed" and acc.num_processes > 1
+    if t.distributed.strategy == "deepspeed":
+        zero.check(cfg)
     if sharded:
         model = sharding.shard(model, cfg)
     # The training objective (objective.name: sft, distill) forms each micro-batch's loss from the task's loss and
@@ -289,24 +294,24 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
     # Loss units per row: 1 per example (classification), loss tokens per row (causal LM); unlabelled rows none. A
     # step's summed loss is divided by its rows' total, so accumulation, processes and packing give the same mean.
     unl_zeros = [0] * (len(train_data) - n_labelled)
-    if sharded and t.lazy_embeddings:  # its row-wise update reads whole embedding rows; a shard holds some rows
-        t = t.model_copy(update={"lazy_embeddings": False})
+    if (sharded or use_zero) and t.lazy_embeddings:  # its row-wise update reads whole embedding rows; a shard
+        t = t.model_copy(update={"lazy_embeddings": False})  # holds some rows
         if main:
-            log("train.distributed fsdp: embeddings updated densely (train.lazy_embeddings off)")
+            log(f"train.distributed {t.distributed.strategy}: embeddings updated densely (train.lazy_embeddings off)")
     optimizer = build_optimizer(model, t, layer_scale(plan, cfg.strategy.layer_decay), plan.optimize_frozen)
     # Trainable extras beside the model (distill's hidden projection): the optimizer's last groups, in every checkpoint
     extras = objective.extras().to(acc.device)
     # (an objective may train its extras faster: DANN's domain classifier, objective.classifier_lr_scale)
     for group in param_groups(extras, t.weight_decay, t.lr, getattr(objective, "extras_lr_scale", None)):
         optimizer.add_param_group(group)
-    if sharded and len(list(extras.parameters())):
+    if (sharded or use_zero) and len(list(extras.parameters())):
         raise ConfigError(f"objective.name: {cfg.objective.name} trains modules beside the model, which "
-                          "train.distributed.strategy: fsdp does not shard yet; use ddp")
+                          f"train.distributed.strategy: {t.distributed.strategy} does not shard yet; use ddp")
     # Lazy embeddings in one process also get row-sparse gradients (DDP keeps dense ones: its reducer is tested so)
     sparse_grads = t.lazy_embeddings and acc.num_processes == 1 and sparse_embedding_gradients(model)
     scheduler = build_schedule(optimizer, t, total_steps)
-    model = model if sharded else acc.prepare_model(model)
-    raw_model = model if sharded else acc.unwrap_model(model)
+    model = model if sharded or use_zero else acc.prepare_model(model)
+    raw_model = model if sharded or use_zero else acc.unwrap_model(model)
     timing.add("model", time.perf_counter() - model_tick)
 
     # --- resume: model, extras, optimizer, scheduler, RNG and data position ---------------------------------
@@ -323,6 +328,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
                               f"same one, or start a new run")
         if main:
             log(f"resumed from {ckpts[-1]} at step {step}/{total_steps}")
+    if use_zero:
+        model = zero.wrap(model, optimizer, cfg)
     if main and resume:  # a killed run may have logged steps past its checkpoint: the replay logs them again
         for name in ("metrics.jsonl", "example_ids.jsonl"):
             trim_log(run_dir / name, step)
@@ -334,7 +341,7 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         row_examples=list(spec.examples(train_data))[:n_labelled] + unl_zeros,  # packs count their examples
         step_size=step_size, total_steps=total_steps, token_budget=token_budget,
         eval_tokens=4 * token_budget if token_budget else None,  # no activations kept for backward: ~4x the tokens
-        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, sharded=sharded, plan=plan, objective=objective,
+        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, sharded=sharded, zero=use_zero, plan=plan, objective=objective,
         extras=extras, extra_params=list(extras.parameters()), optimizer=optimizer, scheduler=scheduler,
         sparse_grads=sparse_grads, state=state, step=step,
         accum=(state.grad_accum or t.grad_accum) if t.auto_batch_size else t.grad_accum,
@@ -446,7 +453,9 @@ def step_update(run: Run, step_batch: list[int], window: Window) -> tuple[torch.
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= acc.num_processes
     params = [*run.model.parameters(), *run.extra_params]
-    if run.sharded:  # the norm over every shard, as one process would compute it
+    if run.zero:  # DeepSpeed measures, clips and checks the norm in its own step, below
+        grad_norm = torch.zeros(())
+    elif run.sharded:  # the norm over every shard, as one process would compute it
         grad_norm = sharding.grad_norm(params, t.max_grad_norm)
     elif run.sparse_grads:  # torch's clip refuses sparse gradients; ours takes both (inf: measure only)
         grad_norm = clip_grad_norm(params, t.max_grad_norm or float("inf"), run.optimizer)
@@ -462,8 +471,12 @@ def step_update(run: Run, step_batch: list[int], window: Window) -> tuple[torch.
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     bad_loss, bad_grad, signalled = flags.tolist()
     skipped = "non-finite loss" if bad_loss else "non-finite grad" if bad_grad else None
-    if skipped is None:
+    if run.zero:  # every rank steps the engine (it also clears ZeRO's reduced gradients); it skips a non-finite norm
+        grad_norm, finite = zero.step(run.model)
+        skipped = skipped or (None if finite else "non-finite grad")
+    elif skipped is None:
         run.optimizer.step()
+    if skipped is None:
         run.scheduler.step()
         window.loss += step_loss
         for name, part in step_parts.items():
@@ -512,7 +525,7 @@ def forward_backward(run: Run, rows: list[int], units: dict[str, int]) -> tuple[
         # fsdp, the gathers of every pass (as many passes as the busiest rank). A rank short of rows (a short last
         # step, a token budget cutting its long rows finer) runs zero-weighted passes on a row of the step. The
         # counts are computed, not exchanged: every rank knows the step's rows and the split.
-        most = max(len(split(r)) for r in range(acc.num_processes)) if run.sharded else 1
+        most = max(len(split(r)) for r in range(acc.num_processes)) if run.sharded or run.zero else 1
         fillers = max(0, most - len(micro)) if acc.num_processes > 1 else 0
         try:
             return micro_pass(run, micro + [rows[:1]] * fillers, units, len(micro))
@@ -560,16 +573,19 @@ def micro_pass(run: Run, micro: list[list[int]], units: dict[str, int], real: in
         else:
             batch = collate(idx)
         sync = k == len(micro) - 1
+        if run.zero:  # the step's last micro-batch reduces the gradients (zero.py)
+            run.model.set_gradient_accumulation_boundary(sync)
+        backward = (lambda x: run.model.backward(x, scale_wrt_gas=False)) if run.zero else acc.backward
         masks = drawing_for(run.cfg.train.seed, run.step, idx, acc.device) if run.cfg.train.example_dropout \
             else contextlib.nullcontext()  # (through backward too: checkpointed layers redraw their masks)
         with masks:
-            with contextlib.nullcontext() if sync else acc.no_sync(run.model), acc.autocast():
+            with contextlib.nullcontext() if sync or run.zero else acc.no_sync(run.model), acc.autocast():
                 out = run.objective(run.model, batch, idx, units)
             # Sum / step units (x world, undone by DDP's mean): exactly the mean over the step batch.
             if k >= real:  # a filler: the collectives run, the gradients stay as the real passes left them
-                acc.backward(out.total * 0.0)
+                backward(out.total * 0.0)
                 continue
-            acc.backward(out.total * acc.num_processes / units["train"])
+            backward(out.total * acc.num_processes / units["train"])
         step_loss += out.total.detach().float()
         for name, part in out.parts.items():
             parts[name] = parts.get(name, 0) + part.float()
@@ -599,7 +615,7 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
     # The checkpoint's tensor files are written beside the evaluation, which changes none of them (issue 22);
     # state.json (with this evaluation's scores) completes it after. Sharded runs gather collectively: in order.
     pending = start_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.extras) \
-        if run.main and not run.sharded and run.dev_data is not None else None
+        if run.main and not run.sharded and not run.zero and run.dev_data is not None else None
     scores = None
     if run.dev_data is not None:
         with timing.phase("eval"):
@@ -631,14 +647,16 @@ def validate_and_save(run: Run, window: Window, bar, on_eval) -> bool:
 
 def best(run: Run, scores: dict) -> None:
     """RUN_DIR/best: a plain HF folder; under fsdp the full weights are gathered first (every rank takes part)."""
-    full = sharding.full_model_state(run.raw_model) if run.sharded else None
+    full = sharding.full_model_state(run.raw_model) if run.sharded else \
+        zero.full_model_state(run.model) if run.zero else None
     if run.main:
         with timing.phase("save"):
             save_best(run.run_dir, run.raw_model, run.tokenizer, run.cfg, run.labels, run.step, scores, state_dict=full)
 
 
 def refuse_nonfinite(run: Run) -> None:
-    bad = sharding.nonfinite_params(run.raw_model) if run.sharded else nonfinite_params(run.raw_model)
+    bad = sharding.nonfinite_params(run.raw_model) if run.sharded else \
+        zero.nonfinite_params(zero.full_model_state(run.model)) if run.zero else nonfinite_params(run.raw_model)
     if bad:
         raise TrainingError(f"step {run.step}: the weights hold NaN/inf ({bad[0]}" + (f" and {len(bad) - 1} more"
                             if len(bad) > 1 else "") + "), so nothing was saved; lower train.lr or use "
@@ -654,6 +672,9 @@ def checkpoint(run: Run, window: Window, pending=None) -> None:
     if run.sharded:  # gathered on every rank; rank 0 writes the files a single process would
         full = {"model_state": sharding.full_model_state(run.raw_model),
                 "optimizer_state": sharding.full_optimizer_state(run.raw_model, run.optimizer)}
+    elif run.zero:
+        full = {"model_state": zero.full_model_state(run.model),
+                "optimizer_state": zero.full_optimizer_state(run.model, run.optimizer)}
     if run.main:
         with timing.phase("save"):
             save_checkpoint(run.run_dir, run.step, run.raw_model, run.optimizer, run.scheduler,
@@ -693,8 +714,8 @@ def finish(run: Run) -> Path:
         "train_examples_per_s": state.examples / max(state.train_seconds, 1e-9),
         "train_tokens": state.tokens, "train_tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
         "final_loss": state.last_loss,
-        "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in raw_model.parameters()),
+        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in raw_model.parameters() if p.requires_grad),
+        "total_params": sum(getattr(p, "ds_numel", p.numel()) for p in raw_model.parameters()),  # (ZeRO-3: partitioned)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "best_metric": run.cfg.best_metric, "best_step": state.best_step, "dev_metrics": state.best_scores,
         "processes": acc.num_processes, "distributed": run.cfg.train.distributed.strategy if acc.num_processes > 1
