@@ -39,11 +39,11 @@ def check(cfg) -> None:
     if d.cpu_offload and not torch.cuda.is_available():
         raise ConfigError("train.distributed.cpu_offload moves ZeRO's partitions from GPU to CPU memory; this "
                           "machine has no GPU (they are in CPU memory already): drop it")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"train.distributed.strategy: deepspeed needs the deepspeed package ({e}); install the "
-                          "version in requirements.lock (pip install -c requirements.lock deepspeed)") from None
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:  # (imported by wrap(), quietly)
+        raise ConfigError("train.distributed.strategy: deepspeed needs the deepspeed package; install the version "
+                          "in requirements.lock (pip install -c requirements.lock deepspeed)")
 
 
 def ds_config(cfg) -> dict:
@@ -64,19 +64,30 @@ def ds_config(cfg) -> dict:
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg):
     """The DeepSpeed engine around `model` and `optimizer` (already resumed, if the run resumes: their loaded
     weights become ZeRO's fp32 partitions, and the loaded AdamW moments are moved into them here)."""
+    import contextlib
     import logging
+    import os
+    import sys
+    import warnings
 
-    import deepspeed
-
+    # Quiet by default: the accelerator named (not guessed with a warning per process), DeepSpeed's INFO lines off,
+    # its op-build print() kept off stdout (sftlab's stdout is the run directory, which scripts read), and the
+    # deprecation warnings its all-gather and reduce-scatter raise on torch 2.13 filtered.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
     # ZeRO replaces each group's parameters with a flat partition: keep the parameters in torch's state-index order
     # (checkpoint.py reads `sftlab_params` to know which weights train) and each group's count
     order = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.sftlab_params, optimizer.sftlab_group_sizes = order, [len(g["params"]) for g in optimizer.param_groups]
     loaded = {i: dict(optimizer.state[p]) for i, p in enumerate(order) if p in optimizer.state}
     optimizer.state.clear()  # keyed by the parameters ZeRO is about to replace
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg),
-                                      dist_init_required=False)
+    with contextlib.redirect_stdout(sys.stderr):  # ("DeepSpeed ... built successfully": its JIT-built comm op)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg),
+                                          dist_init_required=False)
     _init_state(engine, next(iter(loaded.values()))["step"] if loaded else None)
     if loaded:
         _load_moments(engine, loaded)
