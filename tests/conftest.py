@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import sftlab  # noqa: F401  (first: names DeepSpeed's accelerator before anything imports accelerate; __init__.py)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

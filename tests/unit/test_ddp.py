@@ -43,9 +43,24 @@ def train_two_and_one(common: list[str], env: dict, two, one) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def logged(run_dir) -> list[dict]:
+    """The training log lines' losses (loss and loss/PART), in order."""
+    import json
+
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if k.startswith("loss")} for r in rows if "loss" in r and "split" not in r]
+
+
+def same_curves(a: list[dict], b: list[dict], tol: float = 1e-5) -> bool:
+    return len(a) == len(b) > 0 and all(x.keys() == y.keys() and all(abs(x[k] - y[k]) <= tol for k in x)
+                                         for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_equal_one(tiny_overrides, tmp_path, launcher):
-    common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + ["train.epochs=1"]
+    """Weights and the logged loss curve (the global batch's mean on every line, not rank 0's rows')."""
+    common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size"))] + [
+        "train.epochs=1", "train.log_every=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     two = tmp_path / "ddp"
     cmd = [sys.executable, *LAUNCHERS[launcher](free_port()), "train", "-", *common, "train.batch_size=4",
@@ -60,6 +75,7 @@ def test_two_processes_equal_one(tiny_overrides, tmp_path, launcher):
     wa, wb = ckpt(two), ckpt(one)
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst <= 1e-5, worst
+    assert same_curves(logged(two), logged(one)), (logged(two), logged(one))
     import json
 
     assert json.loads((two / "summary.json").read_text())["processes"] == 2
@@ -105,9 +121,10 @@ def test_two_processes_equal_one_multitask(tiny_overrides, toy_data, tmp_path):
              "reg": {"task": "regression", "train": str(reg), "label": "score"}}
     common = [o for o in tiny_overrides if not o.startswith(("output_dir", "train.batch_size", "data.train",
                                                              "data.dev"))]
-    common += ["train.epochs=1", "task=multitask", f"tasks={json.dumps(tasks)}"]
+    common += ["train.epochs=1", "task=multitask", f"tasks={json.dumps(tasks)}", "train.log_every=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     two, one = tmp_path / "ddp", tmp_path / "single"
     train_two_and_one(common, env, two, one)
     wa, wb = ckpt(two), ckpt(one)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    assert same_curves(logged(two), logged(one)) and any(len(r) > 1 for r in logged(one))  # per-task losses too

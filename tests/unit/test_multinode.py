@@ -74,9 +74,13 @@ def stopped_at(src, dst, step: int) -> None:
 
 
 def test_resume_across_process_counts_1_2_1_equals_uninterrupted(tiny_overrides, tmp_path):
-    """Global batch 8 throughout: 1 process x 8 for steps 1-2, 2 processes x 4 for steps 3-4, 1 x 8 to the end."""
+    """Global batch 8 throughout: 1 process x 8 for steps 1-2, 2 processes x 4 for steps 3-4, 1 x 8 to the end.
+    Log lines every 3 steps, checkpoints every 2: the open log window crosses each switch, and the logged curve is
+    the uninterrupted one's."""
+    from tests.unit.test_ddp import logged, same_curves
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    common = common_of(tiny_overrides)
+    common = common_of(tiny_overrides) + ["train.log_every=3"]
     ref = tmp_path / "uninterrupted"
     run_ok(["-m", "sftlab", "train", "-", *common, "train.batch_size=8", f"output_dir={ref}"], env)
     a = tmp_path / "a"
@@ -88,6 +92,7 @@ def test_resume_across_process_counts_1_2_1_equals_uninterrupted(tiny_overrides,
     run_ok(["-m", "sftlab", "train", "-", *common, "train.batch_size=8", f"--resume={b}"], env)
     assert worst(weights(b), weights(ref)) <= 1e-5
     assert max(int(p.name.split("-")[1]) for p in (b / "checkpoints").glob("step-*")) == 8
+    assert same_curves(logged(b), logged(ref)), (logged(b), logged(ref))
 
 
 def test_a_last_step_with_fewer_rows_than_processes(tiny_overrides, tmp_path):

@@ -358,7 +358,7 @@ def fit(run: Run, on_eval=None) -> str | None:
     run.model.train()
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
                disable=not (run.main and t.progress), file=sys.stderr, dynamic_ncols=True)
-    window = Window.open(state, acc.device)
+    window = Window.open(state, acc.device, run.main)
     stop = run.step >= run.total_steps
     trim_heap()  # tokenization and loading garbage
     delay = step_delay_for_tests()
@@ -404,17 +404,18 @@ def fit(run: Run, on_eval=None) -> str | None:
                 state.epoch, state.step_in_epoch = epoch + 1, 0
 
             if (step % t.log_every == 0 or step == run.total_steps) and window.units:
+                window.collapse(acc.num_processes, run.main)  # the whole batch's sums (every rank takes part)
                 record = {"step": step, "epoch": round(state.epoch + state.step_in_epoch / len(batches), 4),
-                          "loss": float(window.loss) / max(1, window.units / acc.num_processes),
+                          "loss": float(window.loss) / max(1, window.units),
                           "lr": max(run.scheduler.get_last_lr()), "examples_per_s": window.examples / window.seconds}
                 if t.max_grad_norm:
                     record["grad_norm"] = float(grad_norm)
                 for name, part in window.parts.items():  # per-part losses on the loss's scale (torchtune's KD recipe)
                     if name.startswith("task/"):  # a multitask run: that task's mean over its own steps
                         n = float(window.parts[f"units/{name[5:]}"])
-                        record[f"loss/{name[5:]}"] = float(part) / max(1, n / acc.num_processes)
+                        record[f"loss/{name[5:]}"] = float(part) / max(1, n)
                     elif not name.startswith("units/"):
-                        record[f"loss/{name}"] = float(part) / max(1, window.units / acc.num_processes)
+                        record[f"loss/{name}"] = float(part) / max(1, window.units)
                 write(run, record)
                 state.last_loss = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
@@ -665,6 +666,7 @@ def refuse_nonfinite(run: Run) -> None:
 
 def checkpoint(run: Run, window: Window, pending=None) -> None:
     # The open log window travels with the checkpoint so a resumed run logs exactly what it would have.
+    window.collapse(run.acc.num_processes, run.main)  # (rank 0 writes the checkpoint)
     window.save_into(run.state)
     run.state.grad_accum = run.accum
     run.state.frozen = run.objective.frozen()
