@@ -77,6 +77,15 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg):
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce with g++ on first use (~50 s on a fresh
+        # machine, and a compiler every CI runner must have) for speed on CPU-only clusters, which sftlab's CPU runs
+        # (tests, laptops) do not need: gloo's all-reduce instead. (deepspeed.comm.torch, 0.19.8)
+        import importlib
+
+        ds_torch = importlib.import_module("deepspeed.comm.torch")  # (`import ... as` would bind torch itself:
+        if hasattr(ds_torch, "build_shm_op"):                        # deepspeed.comm re-exports it as `torch`)
+            ds_torch.build_shm_op = lambda: None
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
                             category=FutureWarning)
     # ZeRO replaces each group's parameters with a flat partition: keep the parameters in torch's state-index order
