@@ -341,7 +341,8 @@ def setup(cfg: RunConfig, resume, overwrite: bool, signals: StopSignals, force_r
         row_examples=list(spec.examples(train_data))[:n_labelled] + unl_zeros,  # packs count their examples
         step_size=step_size, total_steps=total_steps, token_budget=token_budget,
         eval_tokens=4 * token_budget if token_budget else None,  # no activations kept for backward: ~4x the tokens
-        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, sharded=sharded, zero=use_zero, plan=plan, objective=objective,
+        pad_id=pad_id, multiple=multiple, model=model, raw_model=raw_model, sharded=sharded, zero=use_zero, plan=plan,
+        objective=objective,
         extras=extras, extra_params=list(extras.parameters()), optimizer=optimizer, scheduler=scheduler,
         sparse_grads=sparse_grads, state=state, step=step,
         accum=(state.grad_accum or t.grad_accum) if t.auto_batch_size else t.grad_accum,
