@@ -53,6 +53,11 @@ import pytest  # noqa: E402
     (["train.distributed.cpu_offload=true"], "fsdp / deepspeed setting"),
     pytest.param(["train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"], "has no GPU",
                  marks=pytest.mark.skipif("__import__('torch').cuda.is_available()")),
+    (["train.distributed.strategy=deepspeed", "strategy.name=lora"], "deepspeed trains strategy.name full"),
+    (["train.distributed.zero_stage=3"], "zero_stage is a deepspeed setting"),
+    (["train.distributed.strategy=deepspeed", "train.distributed.zero_stage=1"], "zero_stage"),
+    pytest.param(["train.distributed.strategy=deepspeed", "train.distributed.cpu_offload=true"], "has no GPU",
+                 marks=pytest.mark.skipif("__import__('torch').cuda.is_available()")),
 ])
 def test_impossible_combinations_are_one_line_before_training(tiny_overrides, capsys, change, message):
     from sftlab.cli import main
