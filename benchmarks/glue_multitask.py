@@ -129,7 +129,28 @@ def main() -> None:
                                               for r in table[task][s]))
     print("| **average** | | " + " | ".join(f"**{statistics.mean(v):.4f}**" if len(v) == len(TASKS) else ""
                                          for v in avg.values()) + " |")
+    goals(table, avg)
     print(json.dumps({"table": table}))
+
+
+def goals(table: dict, avg: dict) -> None:
+    """Issue 18's goal, checked on whatever is measured: finetune average >= single + 1.0 point, RTE >= single + 3
+    points, and no task's primary figure below single-task by more than single-task's seed spread (max - min)."""
+    if not all(len(avg.get(s, [])) == len(TASKS) for s in ("single", "finetune")):
+        return
+    gain = 100 * (statistics.mean(avg["finetune"]) - statistics.mean(avg["single"]))
+    print(f"goal: average {gain:+.2f} points (>= +1.0: {'met' if gain >= 1.0 else 'MISSED'})")
+    for task in TASKS:
+        primary = [statistics.mean(statistics.mean(r[m] for m in METRICS[task]) for r in table[task][s])
+                   for s in ("single", "finetune")]
+        singles = [statistics.mean(r[m] for m in METRICS[task]) for r in table[task]["single"]]
+        spread = max(singles) - min(singles)
+        delta = 100 * (primary[1] - primary[0])
+        verdict = "ok" if primary[1] >= primary[0] - spread else "MISSED (below by more than its spread)"
+        line = f"goal: {task} {delta:+.2f} points, single-task spread {100 * spread:.2f} ({verdict})"
+        if task == "rte":
+            line += f"; >= +3.0: {'met' if delta >= 3.0 else 'MISSED'}"
+        print(line)
 
 
 if __name__ == "__main__":
