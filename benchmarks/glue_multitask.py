@@ -101,8 +101,8 @@ def main() -> None:
     if "multi" in only or "finetune" in only:
         mt = out / "multi"
         dev = record("multi seed=0", lambda: train(mt, "configs/glue/multitask.yaml", extra))
-        for task in TASKS:
-            if "multi" in only:
+        for task in sorted(TASKS, key=lambda t: t == "sst2"):  # SST-2, the longest run, last: a stopped session
+            if "multi" in only:                                 # keeps the four small tasks' comparisons
                 table[task]["multi"] = [record(f"multi {task}", lambda: figures(mt, task, dev, f"{task}/"))]
             if "finetune" in only:
                 for seed in seeds[:1] if task == "sst2" else seeds:
