@@ -3,12 +3,9 @@
 Every field is documented where it is declared; unknown keys, wrong types and impossible combinations fail at
 load with the key's dotted name and a fix.
 
-Why one file past 500 lines: it is the reference of every option (README points here), read top to bottom like
-litgpt's args.py; the sections' cross-checks (RunConfig._check) need them all in view. Leaves with options of their
-own (objectives) declare their Config next to their code; strategies will follow (fusion-architecture.md W5).
-
-Past 500 lines on purpose: the fields' docstrings are the reference docs of every key; leaf options live with
-their leaves (strategies/, objectives/).
+Past 500 lines on purpose: the fields' docstrings are the reference docs of every key (README points here), read
+top to bottom like litgpt's args.py, and the sections' cross-checks (RunConfig._check) need them all in view. Leaf
+options live with their leaves (strategies/, objectives/).
 """
 from __future__ import annotations
 
