@@ -1,7 +1,7 @@
 """Domain adaptation on the multi-domain reviews (issue 17): source -> target pairs, target dev accuracy per method.
 
     SFTLAB_DATA_DIR=../shared/data python benchmarks/domain_adaptation.py [--pairs books:kitchen,dvd:electronics]
-        [--methods source,mlm,mmd,dann,udalm,ceiling] [--far] [--out runs/da] [--max-length 256]
+        [--methods source,mlm,mmd,dann,udalm,mlm+mmd,mmd+self_train,ceiling] [--far] [--out runs/da] [--max-length 256]
         [key=value ...]            e.g. model.pooling=mean
 
 Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far` adds each -> airline). Methods:
@@ -12,6 +12,10 @@ Default pairs: the 12 ordered pairs of books, dvd, electronics, kitchen (`--far`
   dann     `source` + objective dann, likewise
   udalm    `source` + objective udalm (masked LM on the target rows in the same steps), likewise
   mlm+X    a combination: the `mlm` start, then objective X (mmd, dann or udalm) as above
+  self_train  self-training (`sftlab self-train --rounds 1 --threshold 0.9`): source-only labels the target's train
+           text, a fresh run trains on the source labels + the confident target rows (class-balanced); Ruder & Plank
+           2018 found it a strong baseline on these very review domains
+  X+self_train  the same with method X's run (e.g. mmd) as the labeller; X must come earlier in --methods
   ceiling  trained on the target's own labels (what adaptation cannot beat)
 The table adds `selected`: per pair, the method with the best *source* dev accuracy (ties: the earlier in
 --methods), i.e. what a user without target labels would deploy; its mean is the grid's honest "best method".
@@ -63,6 +67,8 @@ def run_path(out: Path, m: str, src: str, tgt: str) -> Path:
         return out / "source" / src
     if m == "ceiling":
         return out / "source" / tgt
+    if m.endswith("self_train"):  # round 0 is the labeller's run (`self-train --round-0`), round 1 the result
+        return out / m / f"{src}-{tgt}" / "round-1"
     return out / m / f"{src}-{tgt}"
 
 
@@ -78,7 +84,7 @@ def target_accuracy(run: Path, target: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", help="comma-separated source:target (default: all 12 product pairs)")
-    ap.add_argument("--methods", default="source,mlm,mmd,dann,udalm,ceiling")
+    ap.add_argument("--methods", default="source,mlm,mmd,dann,udalm,mlm+mmd,mmd+self_train,ceiling")
     ap.add_argument("--far", action="store_true", help="also each product domain -> airline")
     ap.add_argument("--out", default="runs/da")
     ap.add_argument("--max-length", type=int, default=256, help="data.max_length of every run (MLM start included)")
@@ -123,6 +129,15 @@ def main() -> None:
             run = run_path(out, m, src, tgt)
             if m == "source":   # one run per source domain, scored on every target
                 train(run, source)
+            elif m.endswith("self_train"):
+                labeller = run_path(out, m.split("+")[0] if "+" in m else "source", src, tgt)
+                if not (labeller / "summary.json").is_file():
+                    sys.exit(f"--methods: {m} labels with {labeller}, which is not trained; list its method first")
+                if not (run / "summary.json").is_file():  # the labeller's run is round 0, not trained again
+                    subprocess.run([*SFTLAB, "self-train", "-", *source, f"data.unlabelled={data(tgt, 'train')}",
+                                    "--rounds", "1", "--threshold", "0.9", "--round-0", str(labeller),
+                                    "--out", str(run.parent), "--resume"],
+                                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             elif m == "mlm" or m.startswith("mlm+"):
                 mlm = train(out / "mlm-pretrain" / tgt, [
                     "model.name=minilm-l6", "task=masked_lm", f"data.train={data(tgt, 'train')}",
@@ -138,7 +153,8 @@ def main() -> None:
             elif m == "ceiling":  # the target's own source-only run: same settings, the target's labels
                 train(run, base + [f"data.train={data(tgt, 'train')}", f"data.dev={data(tgt, 'dev')}"])
             else:
-                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling, mlm+X")
+                sys.exit(f"--methods: unknown method {m!r}; use source, mlm, mmd, dann, udalm, ceiling, mlm+X, "
+                         "[X+]self_train")
             row[m] = target_accuracy(run, tgt)
             if results:  # written after every figure: a stopped grid loses at most the run in progress
                 summary = json.loads((run / "summary.json").read_text())

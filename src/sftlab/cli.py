@@ -98,7 +98,8 @@ def cmd_self_train(args) -> None:
 
     out = Path(args.out or f"runs/self-train-{Path(args.config).stem if args.config != '-' else 'overrides'}")
     last = self_train(_config_path(args.config), args.overrides, out, args.rounds, args.threshold,
-                      max_per_class=args.max_per_class, resume=args.resume, distill=args.distill)
+                      max_per_class=args.max_per_class, resume=args.resume, distill=args.distill,
+                      round0=Path(args.round_0) if args.round_0 else None)
     print(last)
 
 
@@ -488,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-per-class", type=int, help="at most this many pseudo-labelled rows per class and round")
     st.add_argument("--distill", action="store_true", help="finally distil the last round into a fresh model on the "
                                                            "labels + unlabelled text (OUT/distill)")
+    st.add_argument("--round-0", metavar="RUN_DIR", help="a finished run on the same labels to use as round 0 (e.g. "
+                                                        "an objective mmd run: it labels the target text)")
     st.add_argument("--out", help="folder for the rounds (default runs/self-train-<config>)")
     st.add_argument("--resume", action="store_true", help="reuse finished rounds in --out, resume the others")
     st.set_defaults(fn=cmd_self_train)

@@ -73,3 +73,27 @@ def test_bad_input_is_one_line(tiny_overrides, toy_data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_round_0_from_a_finished_run_is_that_run(tiny_overrides, toy_data, tmp_path, capsys):
+    """--round-0 RUN: no round 0 is trained, RUN labels the pool, and round 1 is what it would be had RUN been
+    round 0 (bitwise): how issue 17's MMD run labels the target text before self-training."""
+    first, second = tmp_path / "st", tmp_path / "st2"
+    extra = ("--rounds", "1", "--threshold", "0.5", "train.epochs=3", "train.lr=5e-3")
+    assert main(_argv(tiny_overrides, toy_data, first, *extra)) == 0
+    assert main(_argv(tiny_overrides, toy_data, second, *extra, "--round-0", str(first / "round-0"))) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(second / "round-1")
+    assert not (second / "round-0").exists()
+    for f in ("round-1-pseudo.jsonl", "round-1-train.jsonl"):
+        assert (second / "data" / f).read_text() == (first / "data" / f).read_text()
+    a, b = (load_file(str(d / "round-1" / "best" / "model.safetensors")) for d in (first, second))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    for run, msg in [(tmp_path / "nope", "not a finished run"), (second / "round-1", None)]:
+        if msg is None:  # a run whose classes differ: relabel its labels.json
+            (run / "labels.json").write_text('["a", "b"]')
+            msg = "are not this config's"
+        assert main(_argv(tiny_overrides, toy_data, tmp_path / "bad", *extra, "--round-0", str(run))) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+        assert not (tmp_path / "bad").exists()
