@@ -3,6 +3,7 @@
     SFTLAB_DATA_DIR=../shared/data python benchmarks/meta_reviews.py [--held-out airline,books,dvd,electronics,kitchen]
         [--k 4,8,16] [--seeds 0,1,2,3,4] [--starts pretrained,sft,reptile,fomaml] [--outer-steps 100]
         [--out runs/meta-reviews] [--results benchmarks/results/meta_reviews.json] [--table-only]
+        [--meta meta.inner_lr=5e-2 ...]
 
 For each held-out domain D: meta-train on the other four (`meta:` on a task: multitask config, one task per domain;
 Reptile and first-order MAML, --outer-steps outer steps of 4 episodes, K=8 support rows per class, 5 inner SGD
@@ -25,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["airline", "books", "dvd", "electronics", "kitchen"]
 COMMON = ["data.max_length=128", "train.progress=false"]
-META = {"meta.k_shot=8", "meta.query=8", "meta.inner_steps=5", "meta.inner_lr=5e-3", "meta.tasks_per_step=4"}
+META = {"meta.k_shot": "8", "meta.query": "8", "meta.inner_steps": "5", "meta.inner_lr": "5e-3",
+        "meta.tasks_per_step": "4"}  # --meta overrides these
 
 
 def sftlab(args: list[str]) -> str:
@@ -34,12 +36,13 @@ def sftlab(args: list[str]) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def meta_start(algorithm: str, held: str, steps: int, out: Path) -> tuple[Path, float]:
-    run = out / f"{algorithm}-without-{held}"
+def meta_start(algorithm: str, held: str, steps: int, out: Path, meta: dict[str, str],
+               tag: str) -> tuple[Path, float]:
+    run = out / f"{algorithm}-without-{held}{tag.replace('meta.', '-').replace(' ', '')}"
     if not (run / "summary.json").is_file():
         tasks = [f"tasks.{d}.train=reviews/{d}/train.jsonl" for d in DOMAINS if d != held]
         resume = [f"--resume={run}"] if (run / "config.yaml").is_file() else [f"output_dir={run}"]
-        sftlab(["train", "-", "task=multitask", *tasks, *sorted(META), f"meta.algorithm={algorithm}",
+        sftlab(["train", "-", "task=multitask", *tasks, *sorted(f"{k}={v}" for k, v in meta.items()), f"meta.algorithm={algorithm}",
                 f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}", *COMMON, *resume])
     return run, json.loads((run / "summary.json").read_text())["train_seconds"]
 
@@ -58,6 +61,15 @@ def sft_start(held: str, out: Path) -> tuple[Path, float]:
     return run, json.loads((run / "summary.json").read_text())["train_seconds"]
 
 
+def suffix(start: str, tag: str) -> str:
+    """Overrides of the meta settings change only the meta-learned starts' runs and figures."""
+    return f" {tag}" if tag and start in ("reptile", "fomaml") else ""
+
+
+def figure_key(start: str, held: str, k: int, steps: int, tag: str) -> str:
+    return f"{start} held={held} k={k} steps={steps if start in ('reptile', 'fomaml') else 0}{suffix(start, tag)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--held-out", default=",".join(DOMAINS))
@@ -68,7 +80,17 @@ def main() -> None:
     ap.add_argument("--out", default="runs/meta-reviews")
     ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--meta", nargs="*", default=[], metavar="meta.KEY=VALUE",
+                    help="override the meta-training settings above (e.g. meta.inner_lr=5e-2); the runs and figures "
+                         "of an override are kept apart from the defaults'")
     args = ap.parse_args()
+    meta, changed = dict(META), {}
+    for item in args.meta:
+        k, sep, v = item.partition("=")
+        if not (k.startswith("meta.") and sep and v):
+            sys.exit(f"--meta {item!r}: give meta.KEY=VALUE, e.g. meta.inner_lr=5e-2")
+        meta[k] = changed[k] = v
+    tag = " ".join(f"{k}={v}" for k, v in sorted(changed.items()) if META.get(k) != v)
     if not os.environ.get("SFTLAB_DATA_DIR"):
         sys.exit("set SFTLAB_DATA_DIR to the folder holding reviews/ (e.g. ../shared/data)")
     held_out, ks, starts = args.held_out.split(","), [int(k) for k in args.k.split(",")], args.starts.split(",")
@@ -92,25 +114,25 @@ def main() -> None:
             elif start == "sft":
                 where, seconds = sft_start(held, out)
             else:
-                where, seconds = meta_start(start, held, args.outer_steps, out)
+                where, seconds = meta_start(start, held, args.outer_steps, out, meta, tag)
             if seconds is not None:
-                save(f"{start} without={held} train_seconds", seconds)
+                save(f"{start} without={held} train_seconds{suffix(start, tag)}", seconds)
             for k in ks:
-                key = f"{start} held={held} k={k} steps={args.outer_steps if start in ('reptile', 'fomaml') else 0}"
+                key = figure_key(start, held, k, args.outer_steps, tag)
                 if key in known:
                     continue
                 print(key, file=sys.stderr, flush=True)
                 line = sftlab(["adapt", str(where), "--data", f"reviews/{held}/train.jsonl", "--dev",
                                f"reviews/{held}/dev.jsonl", "--k-shot", str(k), "--seeds", args.seeds,
-                               "--out", str(out / "adapt" / f"{start}-{held}-k{k}"), "--resume", *COMMON])
+                               "--out", str(out / "adapt" / f"{start}-{held}-k{k}{suffix(start, tag).replace(' meta.', '-')}"),
+                               "--resume", *COMMON])
                 save(key, json.loads(line))
     print("| start | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|" + "---:|" * len(ks))
     for start in starts:
         cells = []
         for k in ks:
-            per = [v for key, v in known.items() if key.startswith(f"{start} held=") and f" k={k} " in key + " "
-                   and key.split(" held=")[1].split()[0] in held_out]
+            per = [known[key] for h in held_out if (key := figure_key(start, h, k, args.outer_steps, tag)) in known]
             cells.append(f"{statistics.mean(v['mean'] for v in per):.4f} ({len(per)} domains)" if per else "")
         print(f"| {start} | " + " | ".join(cells) + " |")
     print(json.dumps(known))
