@@ -42,7 +42,8 @@ def meta_start(algorithm: str, held: str, steps: int, out: Path, meta: dict[str,
     if not (run / "summary.json").is_file():
         tasks = [f"tasks.{d}.train=reviews/{d}/train.jsonl" for d in DOMAINS if d != held]
         resume = [f"--resume={run}"] if (run / "config.yaml").is_file() else [f"output_dir={run}"]
-        sftlab(["train", "-", "task=multitask", *tasks, *sorted(f"{k}={v}" for k, v in meta.items()), f"meta.algorithm={algorithm}",
+        settings = sorted(f"{k}={v}" for k, v in meta.items())
+        sftlab(["train", "-", "task=multitask", *tasks, *settings, f"meta.algorithm={algorithm}",
                 f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}", *COMMON, *resume])
     return run, json.loads((run / "summary.json").read_text())["train_seconds"]
 
@@ -117,6 +118,7 @@ def main() -> None:
                 where, seconds = meta_start(start, held, args.outer_steps, out, meta, tag)
             if seconds is not None:
                 save(f"{start} without={held} train_seconds{suffix(start, tag)}", seconds)
+            path_tag = suffix(start, tag).replace(" meta.", "-")
             for k in ks:
                 key = figure_key(start, held, k, args.outer_steps, tag)
                 if key in known:
@@ -124,7 +126,7 @@ def main() -> None:
                 print(key, file=sys.stderr, flush=True)
                 line = sftlab(["adapt", str(where), "--data", f"reviews/{held}/train.jsonl", "--dev",
                                f"reviews/{held}/dev.jsonl", "--k-shot", str(k), "--seeds", args.seeds,
-                               "--out", str(out / "adapt" / f"{start}-{held}-k{k}{suffix(start, tag).replace(' meta.', '-')}"),
+                               "--out", str(out / "adapt" / f"{start}-{held}-k{k}{path_tag}"),
                                "--resume", *COMMON])
                 save(key, json.loads(line))
     print("| start | " + " | ".join(f"K={k}" for k in ks) + " |")
