@@ -130,7 +130,7 @@ def main() -> None:
             if m == "source":   # one run per source domain, scored on every target
                 train(run, source)
             elif m.endswith("self_train"):
-                labeller = run_path(out, m.split("+")[0] if "+" in m else "source", src, tgt)
+                labeller = run_path(out, m.rsplit("+", 1)[0] if "+" in m else "source", src, tgt)
                 if not (labeller / "summary.json").is_file():
                     sys.exit(f"--methods: {m} labels with {labeller}, which is not trained; list its method first")
                 if not (run / "summary.json").is_file():  # the labeller's run is round 0, not trained again

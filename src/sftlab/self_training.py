@@ -26,7 +26,7 @@ from pathlib import Path
 from .config import _merge, build_config, dump_config, parse_overrides, read_yaml
 from .data.kshot import labelled_sample
 from .errors import ConfigError, RunDirError
-from .sweep import run_jobs
+from .sweep import row_of, run_jobs
 
 UNLABELLED_KEYS = ("unlabelled", "unlabelled_text", "limit_unlabelled")
 
@@ -119,15 +119,13 @@ def self_train(config: str | None, overrides: list[str], out: Path, rounds: int,
         name = f"round-{r}"
         cfg = base
         if r == 0 and round0 is not None:
-            from .sweep import row_of
-
             history.append((name, row_of(name, round0, None)))
             continue
         if r:
             pseudo_file, train_file = out / "data" / f"{name}-pseudo.jsonl", out / "data" / f"{name}-train.jsonl"
             if not train_file.is_file():
                 labeller = round0 if r == 1 and round0 is not None else out / f"round-{r - 1}"
-                loaded = load_trained(str(labeller / "best"))
+                loaded = load_trained(str(labeller / "best"))  # the previous round's best labels the pool
                 # The run's own precision (train.precision): a pinned fp32 run labels exactly as `sftlab predict`.
                 rows = list(predict_examples(loaded, pool, bf16=resolve(base.train.precision),
                                              progress=f"pseudo-label {name}"))
