@@ -11,12 +11,21 @@ chosen on the dev set, which is only the reported figure) on the K-shot sample o
               model's own head input ([CLS] through BERT's pooler)
   setfit_mean the same on the mean of the token states (model.pooling: mean), the embedding SetFit trains
   plain_mean  plain with model.pooling: mean (the pooling ablation)
+  plain_mpnet plain on mpnet-base (110M, the distillation teacher) instead of minilm-l6 (22M)
+  setfit_mpnet  setfit_mean on mpnet-base; objective.head end_to_end (MPNet's head, dense + tanh + projection,
+              is not a logistic regression), lr 2e-5
+  setfit_mpnet_student  minilm-l6 trained on the K rows plus the 256 pool rows per class that setfit_mpnet
+              labels most confidently (`sftlab self-train --rounds 1 --round-0 SETFIT_MPNET_RUN --threshold 0.5`:
+              its end-to-end head's probabilities are soft, none reaches 0.9 after 60 steps at lr 2e-5): the big
+              model's few-shot skill carried into the small one through the unlabelled text
+  setfit_mpnet_distill  minilm-l6 with objective distill (T 2, alpha 0.5) from the setfit_mpnet run: labels plus
+              the pool's 4,000 rows as soft targets, 250 steps (one pass over the pool)
   gan_bert    objective gan_bert, unlabelled: the SST-2 train sentences outside the sample (first 4,000)
   self_train  `sftlab self-train` 3 rounds, threshold 0.9, at most 256 rows per class and round, same pool
   lm          `sftlab data augment --method lm` with smollm2-135m-instruct (2 paraphrases per row, filtered by
               the `plain` run of the same sample at 0.9), then the config on that file
-  eda+self_train  a combination of the two best single methods at K=16 seed 0: self-training whose rounds all
-              train with EDA copies
+  A+B         a combination of config-only methods (setfit_mean+eda: the overrides of both)
+  A+self_train  self-training whose rounds all train as method A (eda+self_train, setfit_mean+self_train)
   icl         smollm2-135m-instruct, 8 in-context examples drawn from the K rows per query (no training)
   lora        smollm2-135m-instruct + LoRA on the same K rows as chat (configs/instruct/sst2_lora.yaml's prompt)
 Each figure is the full dev set's accuracy (decoders: label accuracy of the word generated in at most 4 tokens). Runs go to
@@ -41,7 +50,10 @@ OVERRIDES = {"plain": [], "eda": ["data.augment.name=eda", "data.augment.copies=
              "setfit": ["objective.name=contrastive_pairs", "train.lr=2e-5"],
              "setfit_mean": ["objective.name=contrastive_pairs", "train.lr=2e-5", "model.pooling=mean"],
              "plain_mean": ["model.pooling=mean"],
-             "gan_bert": ["objective.name=gan_bert", *POOL]}
+             "gan_bert": ["objective.name=gan_bert", *POOL],
+             "plain_mpnet": ["model.name=mpnet-base"],
+             "setfit_mpnet": ["model.name=mpnet-base", "model.pooling=mean", "objective.name=contrastive_pairs",
+                              "objective.head=end_to_end", "train.lr=2e-5"]}
 
 
 def run(cmd: list[str]) -> str:
@@ -77,13 +89,23 @@ def sample_file(out: Path, k: int, seed: int) -> Path:
 def measure(method: str, k: int, seed: int, out: Path) -> float:
     base = [f"data.k_shot={k}", f"data.k_shot_seed={seed}"]
     where = out / method / f"k{k}-s{seed}"
-    if method in OVERRIDES:
-        return accuracy(train(where, base + OVERRIDES[method]))
-    if method in ("self_train", "eda+self_train"):
-        extra = OVERRIDES["eda"] if method.startswith("eda+") else []
+    parts = method.split("+")
+    if all(p in OVERRIDES for p in parts):  # one method, or a combination of config-only ones (setfit_mean+eda)
+        return accuracy(train(where, base + [o for p in parts for o in OVERRIDES[p]]))
+    if parts[-1] == "self_train" and all(p in OVERRIDES for p in parts[:-1]):
+        extra = [o for p in parts[:-1] for o in OVERRIDES[p]]
         last = run(["self-train", CONFIG, *base, *extra, *POOL, "train.progress=false", "--rounds", "3",
                     "--threshold", "0.9", "--max-per-class", "256", "--out", str(where), "--resume"])
         return accuracy(Path(last))
+    if method == "setfit_mpnet_student":  # minilm-l6 on the labels + the pool as setfit_mpnet labels it
+        teacher = train(out / "setfit_mpnet" / f"k{k}-s{seed}", base + OVERRIDES["setfit_mpnet"])
+        last = run(["self-train", CONFIG, *base, *POOL, "train.progress=false", "--rounds", "1", "--round-0",
+                    str(teacher), "--threshold", "0.5", "--max-per-class", "256", "--out", str(where), "--resume"])
+        return accuracy(Path(last))
+    if method == "setfit_mpnet_distill":
+        teacher = train(out / "setfit_mpnet" / f"k{k}-s{seed}", base + OVERRIDES["setfit_mpnet"])
+        return accuracy(train(where, base + POOL + ["objective.name=distill", f"objective.teacher={teacher}",
+                                                    "train.max_steps=250", "train.eval_every=250"]))
     if method == "lm":
         plain = train(out / "plain" / f"k{k}-s{seed}", base)
         file = out / "lm-data" / f"k{k}-s{seed}.jsonl"
