@@ -97,13 +97,13 @@ def measure(method: str, k: int, seed: int, out: Path) -> float:
         last = run(["self-train", CONFIG, *base, *extra, *POOL, "train.progress=false", "--rounds", "3",
                     "--threshold", "0.9", "--max-per-class", "256", "--out", str(where), "--resume"])
         return accuracy(Path(last))
-    if method == "setfit_mpnet_student":  # minilm-l6 on the labels + the pool as setfit_mpnet labels it
+    if method.startswith("setfit_mpnet_"):  # the student rows: setfit_mpnet's run of this sample teaches minilm-l6
         teacher = train(out / "setfit_mpnet" / f"k{k}-s{seed}", base + OVERRIDES["setfit_mpnet"])
+    if method == "setfit_mpnet_student":  # minilm-l6 on the labels + the pool as setfit_mpnet labels it
         last = run(["self-train", CONFIG, *base, *POOL, "train.progress=false", "--rounds", "1", "--round-0",
                     str(teacher), "--threshold", "0.5", "--max-per-class", "256", "--out", str(where), "--resume"])
         return accuracy(Path(last))
     if method == "setfit_mpnet_distill":
-        teacher = train(out / "setfit_mpnet" / f"k{k}-s{seed}", base + OVERRIDES["setfit_mpnet"])
         return accuracy(train(where, base + POOL + ["objective.name=distill", f"objective.teacher={teacher}",
                                                     "train.max_steps=250", "train.eval_every=250"]))
     if method == "lm":
