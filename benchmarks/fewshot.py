@@ -56,6 +56,37 @@ OVERRIDES = {"plain": [], "eda": ["data.augment.name=eda", "data.augment.copies=
                               "objective.head=end_to_end", "train.lr=2e-5"]}
 
 
+# The docs table (docs/fewshot.md): its rows in order, with their labels.
+ROWS = {"plain": "plain fine-tuning (minilm-l6, [CLS] head)", "plain_mean": "plain fine-tuning, model.pooling: mean",
+        "eda": "+ EDA (16 copies)", "lm": "+ LM augmentation (smollm2, LAMBADA filter)",
+        "setfit": "contrastive pairs on the [CLS] head input",
+        "setfit_mean": "contrastive pairs, model.pooling: mean (SetFit)", "self_train": "self-training (3 rounds, 0.9)",
+        "gan_bert": "GAN-BERT", "setfit_mean+eda": "SetFit + EDA", "setfit_mean+self_train": "SetFit + self-training",
+        "eda+self_train": "EDA + self-training", "icl": "smollm2-135m-instruct, 8-shot in-context",
+        "lora": "smollm2-135m-instruct + LoRA (same K rows)", "plain_mpnet": "plain fine-tuning, mpnet-base (110M)",
+        "setfit_mpnet": "**SetFit on mpnet-base (110M)**",
+        "setfit_mpnet_distill": "minilm-l6 distilled from SetFit-mpnet on the pool",
+        "setfit_mpnet_student": "minilm-l6 on SetFit-mpnet's pseudo-labels (self-train --round-0)"}
+
+
+def cell(known: dict, method: str, k: int, seeds: list[int]) -> str:
+    vals = [known[f"{method} k={k} seed={s}"]["accuracy"] for s in seeds if f"{method} k={k} seed={s}" in known]
+    if not vals:
+        return ""
+    n = "" if len(vals) == len(seeds) else f" (n={len(vals)})"
+    return f"{statistics.mean(vals):.4f}{n}" if len(vals) == 1 else f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}{n}"
+
+
+def markdown(known: dict, old: dict, ks: list[int], seeds: list[int]) -> str:
+    """The docs table: this file's figures, else --old's marked †, else "not run"."""
+    lines = ["| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for method, label in ROWS.items():
+        cells = [cell(known, method, k, seeds) or (cell(old, method, k, seeds) + " †" if cell(old, method, k, seeds)
+                                                   else "not run") for k in ks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(cmd: list[str]) -> str:
     proc = subprocess.run([*SFTLAB, *cmd], cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
     return proc.stdout.strip().splitlines()[-1]
@@ -149,6 +180,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/fewshot")
     ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
     ap.add_argument("--table-only", action="store_true", help="print the table of --results, run nothing")
+    ap.add_argument("--markdown", metavar="OLD", help="with --table-only: print docs/fewshot.md's table, cells "
+                    "missing from --results taken from the results file OLD and marked †")
     args = ap.parse_args()
     if not os.environ.get("SFTLAB_DATA_DIR"):
         sys.exit("set SFTLAB_DATA_DIR to the folder holding glue/ (e.g. ../shared/data)")
@@ -157,6 +190,9 @@ def main() -> None:
     results = Path(args.results) if args.results else None
     known = json.loads(results.read_text()) if results and results.is_file() else {}
     out = Path(args.out)
+    if args.markdown:
+        print(markdown(known, json.loads(Path(args.markdown).read_text()), ks, seeds))
+        return
     for method in [] if args.table_only else methods:
         for k in ks:
             for seed in seeds:
@@ -173,12 +209,7 @@ def main() -> None:
     print("| method | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|" + "---:|" * len(ks))
     for method in methods:
-        cells = []
-        for k in ks:
-            vals = [known[f"{method} k={k} seed={s}"]["accuracy"] for s in seeds if f"{method} k={k} seed={s}" in known]
-            cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.4f} "
-                         f"(n={len(vals)})" if vals else "")
-        print(f"| {method} | " + " | ".join(cells) + " |")
+        print(f"| {method} | " + " | ".join(cell(known, method, k, seeds) for k in ks) + " |")
     print(json.dumps(known))
 
 
