@@ -1,6 +1,7 @@
 """`sftlab self-train CONFIG --rounds R --threshold P`: self-training with pseudo-labels on data.unlabelled.
 
-Round 0 is the config as written (a plain run on the labels; with data.k_shot, its K rows per class). Round r >= 1
+Round 0 is the config as written (a run on the labels; with data.k_shot, its K rows per class; objective sft or
+contrastive_pairs, whose pairs then take the pseudo-labelled rows as labelled ones). Round r >= 1
 trains again from the same initialisation on round 0's labelled rows plus the unlabelled rows that round r-1's
 best model labels with probability >= P, the same number per class (the most confident first; capped by
 --max-per-class): Yarowsky 1995 and Lee 2013 ("Pseudo-Label"), with the class balance of Zou et al. 2018
@@ -23,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import _merge, build_config, dump_config, parse_overrides, read_yaml
+from .config import UNLABELLED_OBJECTIVES, _merge, build_config, dump_config, parse_overrides, read_yaml
 from .data.kshot import labelled_sample
 from .errors import ConfigError, RunDirError
 from .sweep import row_of, run_jobs
@@ -44,9 +45,10 @@ def split_config(path: str | None, overrides: list[str]):
     base = build_config(raw | {"data": data})
     if base.task != "classification":
         raise ConfigError(f"sftlab self-train labels rows with classes: task classification, not {base.task}")
-    if base.objective.name != "sft":
-        raise ConfigError(f"sftlab self-train trains each round with objective sft, not {base.objective.name}; "
-                          "remove objective (--distill adds a distilled student at the end)")
+    if base.objective.name in UNLABELLED_OBJECTIVES:  # the others train each round as written (SetFit's pairs too)
+        raise ConfigError(f"sftlab self-train reads data.unlabelled itself, and objective {base.objective.name} "
+                          "would read it too; use objective sft or contrastive_pairs (--distill adds a distilled "
+                          "student at the end, --round-0 RUN_DIR takes a finished run of any objective as round 0)")
     return base, base.data.model_copy(update=stream)
 
 

@@ -27,6 +27,17 @@ def test_threshold_one_adds_nothing_so_round_one_is_round_zero(tiny_overrides, t
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_contrastive_pairs_rounds_threshold_one_round_one_is_round_zero(tiny_overrides, toy_data, tmp_path, capsys):
+    """SetFit + self-training: each round trains the config's objective (pairs, logistic head) as written."""
+    out = tmp_path / "st"
+    argv = _argv(tiny_overrides, toy_data, out, "--rounds", "1", "--threshold", "1.0",
+                 "objective.name=contrastive_pairs", "model.pooling=mean")
+    assert main(argv) == 0
+    assert "contrastive_pairs" in (out / "round-1" / "config.yaml").read_text()
+    a, b = (load_file(str(out / r / "best" / "model.safetensors")) for r in ("round-0", "round-1"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 def test_pseudo_file_is_predict_filtered_and_balanced_then_resume_and_distill(tiny_overrides, toy_data, tmp_path,
                                                                              capsys):
     out = tmp_path / "st"
@@ -68,7 +79,8 @@ def test_bad_input_is_one_line(tiny_overrides, toy_data, tmp_path, capsys):
                        (["--rounds", "1", "--threshold", "1.5"], "--threshold 1.5"),
                        (["--rounds", "0"], "--rounds 0"),
                        (["--rounds", "1", "data.unlabelled=null"], "pseudo-labels data.unlabelled"),
-                       (["--rounds", "1", "data.k_shot=40"], "class 'negative' has 32")]:
+                       (["--rounds", "1", "data.k_shot=40"], "class 'negative' has 32"),
+                       (["--rounds", "1", "objective.name=gan_bert"], "objective gan_bert would read it too")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
