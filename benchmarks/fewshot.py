@@ -30,13 +30,15 @@ chosen on the dev set, which is only the reported figure) on the K-shot sample o
   lora        smollm2-135m-instruct + LoRA on the same K rows as chat (configs/instruct/sst2_lora.yaml's prompt)
 Each figure is the full dev set's accuracy (decoders: label accuracy of the word generated in at most 4 tokens). Runs go to
 OUT/<method>/k<K>-s<seed>; `--results` keeps every figure across sessions (runs/ is scratch). Prints one table
-(mean ± sample std, n) and the JSON of every figure last.
+(mean ± sample std, n) and the JSON of every figure last. Finished runs' checkpoints are deleted (their
+summary.json and best/ stay).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +62,8 @@ OVERRIDES = {"plain": [], "eda": ["data.augment.name=eda", "data.augment.copies=
 ROWS = {"plain": "plain fine-tuning (minilm-l6, [CLS] head)", "plain_mean": "plain fine-tuning, model.pooling: mean",
         "eda": "+ EDA (16 copies)", "lm": "+ LM augmentation (smollm2, LAMBADA filter)",
         "setfit": "contrastive pairs on the [CLS] head input",
-        "setfit_mean": "contrastive pairs, model.pooling: mean (SetFit)", "self_train": "self-training (3 rounds, 0.9)",
+        "setfit_mean": "contrastive pairs, model.pooling: mean (SetFit)",
+        "self_train": "self-training (3 rounds, 0.9)",
         "gan_bert": "GAN-BERT", "setfit_mean+eda": "SetFit + EDA", "setfit_mean+self_train": "SetFit + self-training",
         "eda+self_train": "EDA + self-training", "icl": "smollm2-135m-instruct, 8-shot in-context",
         "lora": "smollm2-135m-instruct + LoRA (same K rows)", "plain_mpnet": "plain fine-tuning, mpnet-base (110M)",
@@ -74,15 +77,18 @@ def cell(known: dict, method: str, k: int, seeds: list[int]) -> str:
     if not vals:
         return ""
     n = "" if len(vals) == len(seeds) else f" (n={len(vals)})"
-    return f"{statistics.mean(vals):.4f}{n}" if len(vals) == 1 else f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}{n}"
+    spread = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
+    return f"{statistics.mean(vals):.4f}{spread}{n}"
 
 
 def markdown(known: dict, old: dict, ks: list[int], seeds: list[int]) -> str:
     """The docs table: this file's figures, else --old's marked †, else "not run"."""
     lines = ["| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
     for method, label in ROWS.items():
-        cells = [cell(known, method, k, seeds) or (cell(old, method, k, seeds) + " †" if cell(old, method, k, seeds)
-                                                   else "not run") for k in ks]
+        cells = []
+        for k in ks:
+            new, was = cell(known, method, k, seeds), cell(old, method, k, seeds)
+            cells.append(new or (f"{was} †" if was else "not run"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,6 +207,9 @@ def main() -> None:
                     continue
                 print(key, file=sys.stderr, flush=True)
                 known[key] = {"accuracy": measure(method, k, seed, out)}
+                for ckpt in out.rglob("checkpoints"):  # finished runs' checkpoints: 75 GB over the grid otherwise
+                    if (ckpt.parent / "summary.json").is_file():
+                        shutil.rmtree(ckpt)
                 if results:  # read again first: another process may be filling other cells of the same file
                     known = {**(json.loads(results.read_text()) if results.is_file() else {}), key: known[key]}
                     tmp = results.with_suffix(f".tmp{os.getpid()}")
