@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/fewshot")
     ap.add_argument("--results", help="JSON file of every figure, read and extended (kept across sessions)")
     ap.add_argument("--table-only", action="store_true", help="print the table of --results, run nothing")
-    ap.add_argument("--markdown", metavar="OLD", help="with --table-only: print docs/fewshot.md's table, cells "
+    ap.add_argument("--markdown", metavar="OLD", help="print docs/fewshot.md's table and run nothing: cells "
                     "missing from --results taken from the results file OLD and marked †")
     args = ap.parse_args()
     if not os.environ.get("SFTLAB_DATA_DIR"):
