@@ -16,6 +16,7 @@ wall time of each meta-training; `--results` keeps every figure across sessions 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -102,11 +103,13 @@ def main() -> None:
 
     def save(key: str, value) -> None:
         known[key] = value
-        if results:
-            merged = {**(json.loads(results.read_text()) if results.is_file() else {}), key: value}
-            tmp = results.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, results)
+        if results:  # two benchmark processes may share the file: read-merge-write under a lock
+            with open(results.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = {**(json.loads(results.read_text()) if results.is_file() else {}), key: value}
+                tmp = results.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+                os.replace(tmp, results)
 
     for held in [] if args.table_only else held_out:
         for start in starts:
