@@ -128,12 +128,13 @@ def main() -> None:
                 if key in known:
                     continue
                 print(key, file=sys.stderr, flush=True)
+                adapt_out = out / "adapt" / f"{start}-{held}-k{k}{path_tag}"
                 line = sftlab(["adapt", str(where), "--data", f"reviews/{held}/train.jsonl", "--dev",
                                f"reviews/{held}/dev.jsonl", "--k-shot", str(k), "--seeds", args.seeds,
-                               "--out", str(out / "adapt" / f"{start}-{held}-k{k}{path_tag}"),
+                               "--out", str(adapt_out),
                                "--resume", *COMMON])
                 save(key, json.loads(line))
-                for ckpt in (out / "adapt").glob(f"{start}-{held}-k{k}{path_tag}/*/checkpoints"):
+                for ckpt in adapt_out.glob("*/checkpoints"):
                     shutil.rmtree(ckpt)  # ~0.6 GB per seed, never read again (the figures are in adapt.json)
     print("| start | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|" + "---:|" * len(ks))
